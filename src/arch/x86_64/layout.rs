@@ -1,0 +1,125 @@
+//! Guest-physical memory map, I/O ports and interrupt lines of a minivmm guest.
+//!
+//! Every address the VMM and the guest agree on is a constant here, so the map can be
+//! read in one place. Low memory follows the Linux/x86 boot protocol conventions.
+
+/// GDT used for the 64-bit and PVH entry (4 entries of 8 bytes).
+pub const BOOT_GDT_START: u64 = 0x500;
+/// Maximum number of GDT entries written at [`BOOT_GDT_START`].
+pub const BOOT_GDT_MAX: usize = 4;
+/// A single empty IDT entry (the kernel installs its own IDT at once).
+pub const BOOT_IDT_START: u64 = 0x520;
+
+/// PVH `hvm_start_info` structure (RBX at PVH entry points here).
+pub const PVH_INFO_START: u64 = 0x6000;
+/// PVH `hvm_modlist_entry` array (the initramfs is module 0).
+pub const PVH_MODLIST_START: u64 = 0x6040;
+/// PVH memory map (`hvm_memmap_table_entry` array).
+pub const PVH_MEMMAP_START: u64 = 0x7000;
+
+/// Linux zero page (`boot_params`); RSI points here at the 64-bit entry.
+pub const ZERO_PAGE_START: u64 = 0x7000;
+/// Initial stack pointer for the 64-bit entry.
+pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
+
+/// Identity-mapping page tables for the 64-bit entry (PML4, PDPTE, PDE).
+pub const PML4_START: u64 = 0x9000;
+/// Page-directory-pointer table.
+pub const PDPTE_START: u64 = 0xa000;
+/// Page directory: 512 entries of 2 MiB pages map the first 1 GiB.
+pub const PDE_START: u64 = 0xb000;
+
+/// Kernel command line (NUL-terminated).
+pub const CMDLINE_START: u64 = 0x20000;
+/// Maximum length of the kernel command line including the NUL (x86 COMMAND_LINE_SIZE).
+pub const CMDLINE_MAX_SIZE: usize = 2048;
+
+/// End of the usable low RAM reported in E820 (start of the EBDA area).
+pub const EBDA_START: u64 = 0x9fc00;
+/// Start of the area holding the ACPI tables (E820-reserved together with the EBDA).
+pub const ACPI_START: u64 = 0xe0000;
+/// RSDP location (also passed in `boot_params.acpi_rsdp_addr` / PVH `rsdp_paddr`).
+pub const RSDP_START: u64 = ACPI_START;
+/// End (exclusive) of the ACPI table area.
+pub const ACPI_END: u64 = HIMEM_START;
+
+/// Start of high memory: a bzImage's protected-mode code is loaded here.
+pub const HIMEM_START: u64 = 0x10_0000;
+
+/// Start of the 32-bit MMIO hole; guest RAM below 4 GiB ends here at the latest.
+pub const MMIO_HOLE_START: u64 = 0xc000_0000;
+/// Size of the 32-bit MMIO hole (up to 4 GiB).
+pub const MMIO_HOLE_SIZE: u64 = FIRST_ADDR_PAST_32BITS - MMIO_HOLE_START;
+/// First address above the 32-bit space; RAM beyond [`MMIO_HOLE_START`] continues here.
+pub const FIRST_ADDR_PAST_32BITS: u64 = 1 << 32;
+
+/// Platform MMIO page holding the ACPI hotplug devices (not RAM, not in E820).
+pub const PLATFORM_MMIO_START: u64 = 0xfeb0_0000;
+/// Size of the platform MMIO page.
+pub const PLATFORM_MMIO_SIZE: u64 = 0x1000;
+/// ACPI Generic Event Device: one read-to-clear event byte.
+pub const GED_START: u64 = PLATFORM_MMIO_START;
+/// Size of the GED register block.
+pub const GED_SIZE: u64 = 1;
+/// CPU hotplug controller (QEMU/Cloud Hypervisor "modern" layout).
+pub const CPU_HOTPLUG_START: u64 = PLATFORM_MMIO_START + 0x100;
+/// Size of the CPU hotplug controller register block.
+pub const CPU_HOTPLUG_SIZE: u64 = 0xc;
+/// Memory hotplug controller (QEMU/Cloud Hypervisor layout).
+pub const MEM_HOTPLUG_START: u64 = PLATFORM_MMIO_START + 0x200;
+/// Size of the memory hotplug controller register block.
+pub const MEM_HOTPLUG_SIZE: u64 = 0x18;
+
+/// In-kernel IOAPIC.
+pub const IOAPIC_START: u64 = 0xfec0_0000;
+/// Local APIC of every vCPU.
+pub const APIC_START: u64 = 0xfee0_0000;
+/// Three pages KVM needs for the TSS on Intel hosts (`KVM_SET_TSS_ADDR`).
+pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
+
+/// Granularity and alignment of hot-added memory (the x86-64 Linux memory block size).
+pub const MEMORY_HOTPLUG_ALIGN: u64 = 128 << 20;
+/// Upper bound on memory hotplug slots (ACPI `Mnnn` devices) per boot.
+pub const MAX_MEMORY_HOTPLUG_SLOTS: usize = 64;
+
+/// Legacy I/O ports handled in userspace.
+pub mod ports {
+    /// i8042 keyboard controller data port.
+    pub const I8042_DATA: u16 = 0x60;
+    /// i8042 status (read) / command (write) port.
+    pub const I8042_COMMAND: u16 = 0x64;
+    /// CMOS RTC index port.
+    pub const RTC_INDEX: u16 = 0x70;
+    /// CMOS RTC data port.
+    pub const RTC_DATA: u16 = 0x71;
+    /// COM1 16550 UART base (8 registers).
+    pub const COM1: u16 = 0x3f8;
+    /// Number of COM1 registers.
+    pub const COM1_SIZE: u16 = 8;
+    /// ACPI sleep control register (FADT SLEEP_CONTROL_REG); 0x34 = enter S5.
+    pub const ACPI_SLEEP_CONTROL: u16 = 0x600;
+    /// ACPI sleep status register (FADT SLEEP_STATUS_REG); reads 0.
+    pub const ACPI_SLEEP_STATUS: u16 = 0x601;
+    /// ACPI reset register (FADT RESET_REG); writing [`super::ACPI_RESET_VALUE`] resets.
+    pub const ACPI_RESET: u16 = 0x602;
+}
+
+/// Value the guest writes to [`ports::ACPI_RESET`] to reset the machine.
+pub const ACPI_RESET_VALUE: u8 = 1;
+/// SLP_TYP of the `\_S5_` package.
+pub const S5_SLEEP_TYPE: u8 = 5;
+
+/// Interrupt lines (GSIs on the in-kernel IOAPIC).
+pub mod irq {
+    /// COM1.
+    pub const COM1: u32 = 4;
+    /// i8042 keyboard.
+    pub const I8042: u32 = 1;
+    /// RTC.
+    pub const RTC: u32 = 8;
+    /// GED: edge-triggered, active-high; 16..23 are routed to the IOAPIC only.
+    pub const GED: u32 = 16;
+}
+
+/// Highest number of vCPUs: APIC IDs are bytes in MADT type-0 entries and 0xff is broadcast.
+pub const MAX_VCPUS: u32 = 254;

@@ -1,0 +1,3 @@
+//! x86_64 guest setup: memory layout, boot protocols, registers, CPUID and MSRs.
+
+pub mod layout;
