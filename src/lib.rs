@@ -1,8 +1,165 @@
-//! minivmm: a minimal, synchronous KVM virtual machine monitor for x86_64 Linux guests,
-//! with ACPI CPU and memory hotplug driven through a line-based control pipe.
+//! minivmm: a minimal, synchronous KVM virtual machine monitor for x86_64 Linux guests, with
+//! ACPI CPU and memory hotplug driven through a line-based control pipe.
+//!
+//! [`run`] is the whole VMM: it opens KVM and the guest files, installs the seccomp filters,
+//! boots the guest and serves the event loop until the guest powers off.
 
 pub mod acpi;
 pub mod arch;
 pub mod config;
 pub mod control;
+pub mod control_socket;
 pub mod devices;
+pub mod event_loop;
+pub mod logger;
+pub mod seccomp;
+pub mod terminal;
+pub mod vcpu;
+pub mod vm;
+pub mod vmm;
+
+use std::fs::File;
+use std::path::Path;
+use std::sync::Arc;
+
+use config::{SerialMode, VmConfig};
+pub use event_loop::Exit;
+
+/// Exit code: guest powered off, `shutdown` requested, or SIGTERM/SIGINT/SIGHUP.
+pub const EXIT_OK: i32 = 0;
+/// Exit code: bad arguments or a setup error.
+pub const EXIT_ERROR: i32 = 1;
+/// Exit code: the guest rebooted and `--no-reboot` was given.
+pub const EXIT_REBOOT: i32 = 2;
+/// Exit code: the guest faulted (triple fault, KVM internal error, unexpected exit).
+pub const EXIT_GUEST_FAULT: i32 = 3;
+
+/// Errors that stop minivmm before or while running the guest.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A guest file could not be opened.
+    #[error("cannot open {what} {path}: {source}")]
+    Open {
+        /// "kernel", "initramfs" or "serial output file".
+        what: &'static str,
+        /// The path given.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// KVM is unusable.
+    #[error(transparent)]
+    Vm(#[from] vm::VmError),
+    /// Building or booting the machine failed.
+    #[error(transparent)]
+    Vmm(#[from] vmm::VmmError),
+    /// ACPI tables could not be built or dumped.
+    #[error("--dump-acpi: {0}")]
+    Acpi(#[from] acpi::AcpiError),
+    /// The control pipe could not be opened.
+    #[error(transparent)]
+    Control(#[from] control_socket::ControlSocketError),
+    /// Seccomp setup failed.
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
+    /// The vCPU kick signal could not be set up.
+    #[error(transparent)]
+    Vcpu(#[from] vcpu::VcpuError),
+    /// The event loop failed.
+    #[error(transparent)]
+    EventLoop(#[from] event_loop::EventLoopError),
+    /// The host console could not be set up.
+    #[error("host console: {0}")]
+    Console(#[source] std::io::Error),
+}
+
+fn open(what: &'static str, path: &Path) -> Result<File, Error> {
+    File::open(path).map_err(|source| Error::Open {
+        what,
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// The exit code for an outcome of [`run`].
+pub fn exit_code(result: &Result<Exit, Error>) -> i32 {
+    match result {
+        Ok(Exit::PowerOff) | Ok(Exit::Signal(_)) => EXIT_OK,
+        Ok(Exit::Reset) => EXIT_REBOOT,
+        Ok(Exit::Fatal(_)) => EXIT_GUEST_FAULT,
+        Err(_) => EXIT_ERROR,
+    }
+}
+
+/// Boots the guest described by `config` and runs it until it stops.
+pub fn run(config: VmConfig) -> Result<Exit, Error> {
+    // Everything that needs the file system or new fds happens before the filters go on.
+    let kvm = vm::open_kvm()?;
+    let kernel = open("kernel", &config.kernel)?;
+    let initramfs = match &config.initramfs {
+        Some(p) => Some(open("initramfs", p)?),
+        None => None,
+    };
+    if let Some(dir) = &config.dump_acpi {
+        let tables = acpi::build(&vmm::acpi_config(
+            config.cpus.boot,
+            config.cpus.max,
+            config.memory.size,
+            config.memory.size + config.memory.hotplug_size,
+        ))?;
+        acpi::dump(dir, &tables)?;
+    }
+    let control = match &config.control {
+        Some(endpoint) => Some(control_socket::ControlServer::open(endpoint)?),
+        None => None,
+    };
+    let signal_fd = event_loop::termination_signalfd()?;
+    vcpu::install_kick_handler()?;
+
+    let mut _stdout_flags = None;
+    let mut _raw_mode = None;
+    let mut stdin = None;
+    let out: Box<dyn std::io::Write + Send> = match &config.serial {
+        SerialMode::Tty => {
+            _stdout_flags = Some(terminal::FlagsGuard::nonblocking(1).map_err(Error::Console)?);
+            _raw_mode = terminal::RawModeGuard::new(0).map_err(Error::Console)?;
+            stdin = Some(0);
+            Box::new(terminal::ConsoleWriter::new(1))
+        }
+        SerialMode::File(path) => Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| Error::Open {
+                    what: "serial output file",
+                    path: path.display().to_string(),
+                    source,
+                })?,
+        ),
+        SerialMode::Off => Box::new(std::io::sink()),
+    };
+
+    let vcpu_filter = if config.seccomp {
+        let filters = seccomp::compile_filters()?;
+        seccomp::install_sigsys_handler()?;
+        seccomp::apply(&filters.vmm)?;
+        Some(Arc::new(filters.vcpu))
+    } else {
+        log::warn!("seccomp is off: the guest is not confined (debugging only)");
+        None
+    };
+
+    let mut vmm = vmm::Vmm::new(
+        config,
+        kvm,
+        kernel,
+        initramfs,
+        vmm::SharedWriter::new(out),
+        vcpu_filter,
+    )?;
+    vmm.boot()?;
+    let exit = event_loop::run(&mut vmm, control, stdin, signal_fd)?;
+    vmm.teardown();
+    Ok(exit)
+}

@@ -1,1 +1,34 @@
-fn main() {}
+//! The minivmm command: parses the command line and runs the VMM.
+
+use minivmm::config::{parse_args, Command, USAGE};
+use minivmm::Exit;
+
+fn main() {
+    let code = match parse_args(std::env::args().skip(1)) {
+        Ok(Command::Help) => {
+            print!("{USAGE}");
+            0
+        }
+        Ok(Command::Version) => {
+            println!("minivmm {}", env!("CARGO_PKG_VERSION"));
+            0
+        }
+        Ok(Command::Run(config)) => {
+            minivmm::logger::init(config.log_level);
+            let result = minivmm::run(*config);
+            match &result {
+                Ok(Exit::PowerOff) => log::info!("guest powered off"),
+                Ok(Exit::Reset) => log::info!("guest reset; exiting because of --no-reboot"),
+                Ok(Exit::Signal(sig)) => log::info!("stopped by signal {sig}"),
+                Ok(Exit::Fatal(msg)) => eprintln!("\rminivmm: guest fault: {msg}\r"),
+                Err(e) => eprintln!("\rminivmm: {e}\r"),
+            }
+            minivmm::exit_code(&result)
+        }
+        Err(e) => {
+            eprintln!("minivmm: {e}");
+            1
+        }
+    };
+    std::process::exit(code);
+}

@@ -1,1 +1,121 @@
-//! (in progress)
+//! Device models of a minivmm guest.
+//!
+//! Every device is a plain state machine: it performs no I/O of its own (no file descriptors,
+//! no threads). vCPU threads drive the devices through a [`Bus`] on PIO/MMIO exits, and the VMM
+//! main thread drives them directly (hotplug requests, host serial input). The only ways a device
+//! reaches the outside world are an injected [`Trigger`] (an interrupt line or a wakeup) and, for
+//! the serial port, an injected [`std::io::Write`].
+
+pub mod acpi_pm;
+pub mod bus;
+pub mod cpu_hotplug;
+pub mod ged;
+pub mod i8042;
+pub mod mem_hotplug;
+mod regs;
+pub mod rtc;
+pub mod serial;
+
+pub use bus::{Bus, BusError};
+
+/// Raises an interrupt line or signals an event (for KVM, an `EventFd` registered as an irqfd).
+pub trait Trigger: Send + Sync {
+    /// Fires the trigger once.
+    fn trigger(&self) -> std::io::Result<()>;
+}
+
+impl Trigger for vmm_sys_util::eventfd::EventFd {
+    /// Adds 1 to the eventfd counter, which KVM turns into one edge on the irqfd's GSI.
+    fn trigger(&self) -> std::io::Result<()> {
+        self.write(1)
+    }
+}
+
+/// What a device register write asks the VMM to do (returned from [`BusDevice::write`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceEvent {
+    /// Nothing for the VMM to do.
+    None,
+    /// The guest asked for a machine reset (ACPI reset register or i8042 command 0xFE).
+    Reset,
+    /// The guest entered ACPI S5 (SLP_TYP 5 with SLP_EN).
+    PowerOff,
+    /// The guest's `_EJ0` for this CPU index was accepted; the VMM must stop that vCPU.
+    CpuEject(u32),
+    /// The guest reported `_OST` for a CPU.
+    CpuOst {
+        /// CPU index (= APIC ID = ACPI UID).
+        cpu: u32,
+        /// ACPI notification the status answers (1 = insert, 3 = eject request).
+        event: u32,
+        /// ACPI `_OST` status code (0 = success, 0x80 = not supported, 0x82 = busy, ...).
+        status: u32,
+    },
+    /// The guest reported `_OST` for a memory slot.
+    MemOst {
+        /// Memory hotplug slot index.
+        slot: u32,
+        /// ACPI notification the status answers (1 = insert, 3 = eject request).
+        event: u32,
+        /// ACPI `_OST` status code.
+        status: u32,
+    },
+}
+
+/// A device on the PIO or MMIO bus.
+///
+/// `offset` is relative to the device's base; the [`Bus`] guarantees that
+/// `offset + data.len()` lies within the range the device was inserted with.
+pub trait BusDevice: Send {
+    /// Handles a guest read of `data.len()` bytes; the device fills all of `data`.
+    fn read(&mut self, offset: u64, data: &mut [u8]);
+    /// Handles a guest write and reports what the VMM must do in response.
+    fn write(&mut self, offset: u64, data: &[u8]) -> DeviceEvent;
+}
+
+#[cfg(test)]
+pub(crate) mod test_util {
+    use super::Trigger;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A trigger that counts how often it fired.
+    #[derive(Default)]
+    pub struct CountingTrigger(AtomicUsize);
+
+    impl CountingTrigger {
+        /// Number of times the trigger fired.
+        pub fn count(&self) -> usize {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+
+    impl Trigger for CountingTrigger {
+        fn trigger(&self) -> std::io::Result<()> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    /// A trigger that always fails.
+    pub struct FailingTrigger;
+
+    impl Trigger for FailingTrigger {
+        fn trigger(&self) -> std::io::Result<()> {
+            Err(std::io::Error::other("trigger failed"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    #[test]
+    fn eventfd_trigger_adds_one() {
+        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        evt.trigger().unwrap();
+        evt.trigger().unwrap();
+        assert_eq!(evt.read().unwrap(), 2);
+    }
+}

@@ -1,0 +1,297 @@
+//! Transport of the control pipe: a listening Unix stream socket with any number of clients, or
+//! an inherited, already-connected fd (pair). Framing and replies come from [`crate::control`];
+//! everything here is non-blocking and driven by the main epoll loop.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use crate::config::ControlEndpoint;
+use crate::control::{error_reply, handle_line, ControlTarget, Line, LineReader, MAX_LINE};
+
+/// Epoll token of the listening socket.
+pub const TOKEN_LISTENER: u64 = 100;
+/// Epoll token of the inherited control connection.
+pub const TOKEN_FD: u64 = 101;
+/// First epoll token of accepted clients.
+pub const TOKEN_CLIENT_BASE: u64 = 1000;
+/// Replies a client may leave unread before it is disconnected.
+const MAX_PENDING_OUTPUT: usize = 64 << 10;
+
+/// Control transport errors.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlSocketError {
+    /// Something other than a socket exists at the path.
+    #[error("--control: {0} exists and is not a socket; remove it or choose another path")]
+    NotASocket(PathBuf),
+    /// The stale socket could not be removed.
+    #[error("--control: cannot remove the stale socket {0}: {1}")]
+    Unlink(PathBuf, #[source] std::io::Error),
+    /// bind/listen failed.
+    #[error("--control: cannot listen on {0}: {1}")]
+    Bind(PathBuf, #[source] std::io::Error),
+    /// The inherited fd is not open.
+    #[error("--control: fd {0} is not an open file descriptor")]
+    BadFd(RawFd),
+    /// fcntl or epoll failed.
+    #[error("control pipe setup: {0}")]
+    Io(#[source] std::io::Error),
+}
+
+/// One connection: a reader/writer pair with its framing state and unsent output.
+struct Conn {
+    input: File,
+    output: Option<File>,
+    lines: LineReader,
+    pending: Vec<u8>,
+    eof: bool,
+}
+
+impl Conn {
+    fn new(input: File, output: Option<File>) -> Self {
+        Conn {
+            input,
+            output,
+            lines: LineReader::new(),
+            pending: Vec::new(),
+            eof: false,
+        }
+    }
+}
+
+/// Listener and connections of the control pipe.
+pub struct ControlServer {
+    listener: Option<(UnixListener, PathBuf)>,
+    fd_conn: Option<Conn>,
+    clients: HashMap<u64, Conn>,
+    next_token: u64,
+}
+
+fn set_nonblocking(fd: RawFd) -> std::io::Result<()> {
+    // SAFETY: fcntl on a caller-owned fd with integer arguments only.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn take_fd(fd: RawFd) -> Result<File, ControlSocketError> {
+    // SAFETY: F_GETFD only queries the descriptor.
+    if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(ControlSocketError::BadFd(fd));
+    }
+    set_nonblocking(fd).map_err(ControlSocketError::Io)?;
+    // SAFETY: the user handed this inherited fd to minivmm (`--control fd=N`); we take ownership.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+impl ControlServer {
+    /// Opens the endpoint (before any seccomp filter is installed).
+    pub fn open(endpoint: &ControlEndpoint) -> Result<Self, ControlSocketError> {
+        let mut server = ControlServer {
+            listener: None,
+            fd_conn: None,
+            clients: HashMap::new(),
+            next_token: TOKEN_CLIENT_BASE,
+        };
+        match endpoint {
+            ControlEndpoint::Socket(path) => {
+                match std::fs::symlink_metadata(path) {
+                    Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path)
+                        .map_err(|e| ControlSocketError::Unlink(path.clone(), e))?,
+                    Ok(_) => return Err(ControlSocketError::NotASocket(path.clone())),
+                    Err(_) => {}
+                }
+                let listener =
+                    UnixListener::bind(path).map_err(|e| ControlSocketError::Bind(path.clone(), e))?;
+                listener.set_nonblocking(true).map_err(ControlSocketError::Io)?;
+                server.listener = Some((listener, path.clone()));
+            }
+            ControlEndpoint::Fd { read, write } => {
+                let input = take_fd(*read)?;
+                let output = if write == read {
+                    Some(input.try_clone().map_err(ControlSocketError::Io)?)
+                } else {
+                    Some(take_fd(*write)?)
+                };
+                server.fd_conn = Some(Conn::new(input, output));
+            }
+        }
+        Ok(server)
+    }
+
+    /// Adds the endpoint's fds to `epoll`.
+    pub fn register(&self, epoll: &Epoll) -> Result<(), ControlSocketError> {
+        if let Some((l, _)) = &self.listener {
+            add(epoll, l.as_raw_fd(), TOKEN_LISTENER).map_err(ControlSocketError::Io)?;
+        }
+        if let Some(c) = &self.fd_conn {
+            add(epoll, c.input.as_raw_fd(), TOKEN_FD).map_err(ControlSocketError::Io)?;
+        }
+        Ok(())
+    }
+
+    /// Whether `token` belongs to the control pipe.
+    pub fn owns(token: u64) -> bool {
+        token == TOKEN_LISTENER || token == TOKEN_FD || token >= TOKEN_CLIENT_BASE
+    }
+
+    /// Handles readiness of one control fd; requests are answered through `target`.
+    pub fn handle(&mut self, epoll: &Epoll, token: u64, events: EventSet, target: &mut dyn ControlTarget) {
+        if token == TOKEN_LISTENER {
+            self.accept(epoll);
+            return;
+        }
+        let conn = if token == TOKEN_FD {
+            self.fd_conn.as_mut()
+        } else {
+            self.clients.get_mut(&token)
+        };
+        let Some(conn) = conn else { return };
+        if events.contains(EventSet::OUT) {
+            flush(conn);
+        }
+        if events.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::READ_HANG_UP | EventSet::ERROR) {
+            serve(conn, target);
+        }
+        let done = (conn.eof && (conn.pending.is_empty() || conn.output.is_none()))
+            || conn.pending.len() > MAX_PENDING_OUTPUT;
+        if done {
+            self.close(epoll, token);
+            return;
+        }
+        // Watch for writability only while output is queued.
+        let mut want = EventSet::empty();
+        if !conn.eof {
+            want |= EventSet::IN;
+        }
+        if !conn.pending.is_empty() {
+            want |= EventSet::OUT;
+        }
+        let fd = conn.input.as_raw_fd();
+        if let Err(e) = epoll.ctl(ControlOperation::Modify, fd, EpollEvent::new(want, token)) {
+            log::warn!("control: epoll modify: {e}");
+        }
+    }
+
+    fn accept(&mut self, epoll: &Epoll) {
+        let Some((listener, _)) = &self.listener else { return };
+        let mut accepted = Vec::new();
+        loop {
+            match listener.accept() {
+                Ok((stream, _)) => accepted.push(stream),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::warn!("control: accept: {e}");
+                    break;
+                }
+            }
+        }
+        for stream in accepted {
+            if let Err(e) = self.add_client(epoll, stream) {
+                log::warn!("control: dropping a client: {e}");
+            }
+        }
+    }
+
+    fn add_client(&mut self, epoll: &Epoll, stream: UnixStream) -> std::io::Result<()> {
+        stream.set_nonblocking(true)?;
+        let input = File::from(std::os::fd::OwnedFd::from(stream));
+        let output = input.try_clone()?;
+        let token = self.next_token;
+        self.next_token += 1;
+        add(epoll, input.as_raw_fd(), token)?;
+        self.clients.insert(token, Conn::new(input, Some(output)));
+        Ok(())
+    }
+
+    fn close(&mut self, epoll: &Epoll, token: u64) {
+        let conn = if token == TOKEN_FD {
+            self.fd_conn.take()
+        } else {
+            self.clients.remove(&token)
+        };
+        if let Some(conn) = conn {
+            if conn.lines.has_partial() {
+                log::info!("control: client disconnected in the middle of a request; ignored");
+            }
+            let _ = epoll.ctl(
+                ControlOperation::Delete,
+                conn.input.as_raw_fd(),
+                EpollEvent::default(),
+            );
+        }
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        if let Some((_, path)) = &self.listener {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+fn add(epoll: &Epoll, fd: RawFd, token: u64) -> std::io::Result<()> {
+    epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token))
+}
+
+/// Reads what is available, answers every complete line.
+fn serve(conn: &mut Conn, target: &mut dyn ControlTarget) {
+    let mut buf = [0u8; MAX_LINE];
+    match conn.input.read(&mut buf) {
+        Ok(0) => conn.eof = true,
+        Ok(n) => {
+            for line in conn.lines.push(&buf[..n]) {
+                let reply = match line {
+                    Line::Complete(l) => handle_line(&l, target),
+                    Line::TooLong => error_reply(&format!("request longer than {MAX_LINE} bytes; ignored")),
+                };
+                conn.pending.extend_from_slice(reply.as_bytes());
+            }
+            flush(conn);
+        }
+        Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {}
+        Err(e) => {
+            log::info!("control: read: {e}");
+            conn.eof = true;
+        }
+    }
+}
+
+/// Writes as much queued output as the peer accepts without blocking.
+fn flush(conn: &mut Conn) {
+    let Some(out) = conn.output.as_mut() else {
+        conn.pending.clear();
+        return;
+    };
+    while !conn.pending.is_empty() {
+        match out.write(&conn.pending) {
+            Ok(0) => break,
+            Ok(n) => {
+                conn.pending.drain(..n);
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => {
+                log::info!("control: write: {e}");
+                conn.pending.clear();
+                conn.output = None;
+                conn.eof = true;
+                break;
+            }
+        }
+    }
+}

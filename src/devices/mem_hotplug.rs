@@ -1,0 +1,340 @@
+//! Memory hotplug controller (QEMU / Cloud Hypervisor register layout, 24 bytes).
+//!
+//! | Offset | Read (selected slot) | Write |
+//! |---|---|---|
+//! | 0x00 | base, low 32 bits | MSEL: slot selector |
+//! | 0x04 | base, high 32 bits | MOEV: `_OST` event |
+//! | 0x08 | length, low 32 bits | MOSC: `_OST` status (reports [`DeviceEvent::MemOst`]) |
+//! | 0x0C | length, high 32 bits | - |
+//! | 0x10 | proximity domain (0) | - |
+//! | 0x14 | byte: bit0 enabled, bit1 inserting, bit2 removing | bit1 ack insert, bit2 ack remove, bit3 eject |
+//!
+//! Accesses of any width are accepted (reads return the covered bytes, writes update each
+//! register they overlap). While the selector is out of range, reads return 0 and writes other
+//! than MSEL are ignored. Guest ejects are logged and ignored: RAM only shrinks at reboot.
+
+use super::regs::{merge_write, read_image};
+use super::{BusDevice, DeviceEvent};
+
+/// Offset of MSEL (write) / base low (read).
+const MSEL: u64 = 0x0;
+/// Offset of MOEV (write) / base high (read).
+const MOEV: u64 = 0x4;
+/// Offset of MOSC (write) / length low (read).
+const MOSC: u64 = 0x8;
+/// Offset of the proximity domain (read).
+const PROXIMITY: u64 = 0x10;
+/// Offset of the flags byte.
+const FLAGS: u64 = 0x14;
+/// Size of the register block.
+const REGS_SIZE: usize = 0x18;
+
+/// Flags bit: slot enabled (populated).
+const FLAG_ENABLED: u8 = 1 << 0;
+/// Flags bit: insert event pending (read) / acknowledge it (write).
+const FLAG_INSERTING: u8 = 1 << 1;
+/// Flags bit: remove event pending (read) / acknowledge it (write).
+const FLAG_REMOVING: u8 = 1 << 2;
+/// Flags write bit: eject the slot's memory.
+const FLAG_EJECT: u8 = 1 << 3;
+
+/// Errors from filling a memory hotplug slot.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MemHotplugError {
+    /// The slot index is not below the number of slots.
+    #[error("memory hotplug insert: slot {slot} out of range ({slots} slots)")]
+    SlotOutOfRange {
+        /// Requested slot.
+        slot: usize,
+        /// Number of slots of the controller.
+        slots: usize,
+    },
+    /// The slot already holds memory.
+    #[error("memory hotplug insert: slot {0} is already in use")]
+    SlotInUse(usize),
+    /// The size is zero or `base + size` overflows.
+    #[error("memory hotplug insert into slot {slot}: invalid range {base:#x}+{size:#x}")]
+    InvalidRange {
+        /// Requested slot.
+        slot: usize,
+        /// Guest-physical base of the memory.
+        base: u64,
+        /// Size of the memory in bytes.
+        size: u64,
+    },
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct MemSlot {
+    base: u64,
+    size: u64,
+    enabled: bool,
+    inserting: bool,
+    removing: bool,
+}
+
+/// Memory hotplug controller state: a fixed number of slots (ACPI `Mnnn` devices).
+#[derive(Debug)]
+pub struct MemHotplug {
+    slots: Vec<MemSlot>,
+    selector: u32,
+    /// `_OST` event written to MOEV, reported with the next MOSC write.
+    ost_event: u32,
+}
+
+impl MemHotplug {
+    /// Creates a controller with `slots` empty slots.
+    pub fn new(slots: usize) -> Self {
+        Self {
+            slots: vec![MemSlot::default(); slots],
+            selector: 0,
+            ost_event: 0,
+        }
+    }
+
+    /// Fills `slot` with `size` bytes at guest-physical `base`, marked enabled with an insert
+    /// event pending (the VMM then raises GED [`GED_MEMORY`]).
+    ///
+    /// Fails if the slot is out of range or already used, or the range is empty or wraps.
+    ///
+    /// [`GED_MEMORY`]: super::ged::GED_MEMORY
+    pub fn insert(&mut self, slot: usize, base: u64, size: u64) -> Result<(), MemHotplugError> {
+        let slots = self.slots.len();
+        let entry = self
+            .slots
+            .get_mut(slot)
+            .ok_or(MemHotplugError::SlotOutOfRange { slot, slots })?;
+        if entry.enabled {
+            return Err(MemHotplugError::SlotInUse(slot));
+        }
+        if size == 0 || base.checked_add(size).is_none() {
+            return Err(MemHotplugError::InvalidRange { slot, base, size });
+        }
+        *entry = MemSlot {
+            base,
+            size,
+            enabled: true,
+            inserting: true,
+            removing: false,
+        };
+        Ok(())
+    }
+
+    /// Number of slots.
+    pub fn slots(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Number of filled slots (the VMM fills them in order 0, 1, 2, ..., so this is also the
+    /// index of the next free slot).
+    pub fn used_slots(&self) -> usize {
+        self.slots.iter().filter(|s| s.enabled).count()
+    }
+
+    fn selected(&self) -> Option<&MemSlot> {
+        self.slots.get(usize::try_from(self.selector).ok()?)
+    }
+
+    fn selected_mut(&mut self) -> Option<&mut MemSlot> {
+        self.slots.get_mut(usize::try_from(self.selector).ok()?)
+    }
+
+    /// Current register image for the selected slot (all zero if the selector is out of range).
+    fn image(&self) -> [u8; REGS_SIZE] {
+        let mut image = [0u8; REGS_SIZE];
+        let Some(slot) = self.selected() else {
+            return image;
+        };
+        image[MSEL as usize..MOSC as usize].copy_from_slice(&slot.base.to_le_bytes());
+        image[MOSC as usize..PROXIMITY as usize].copy_from_slice(&slot.size.to_le_bytes());
+        // Proximity domain 0: already zero.
+        let mut flags = 0;
+        if slot.enabled {
+            flags |= FLAG_ENABLED;
+        }
+        if slot.inserting {
+            flags |= FLAG_INSERTING;
+        }
+        if slot.removing {
+            flags |= FLAG_REMOVING;
+        }
+        image[FLAGS as usize] = flags;
+        image
+    }
+
+    fn write_flags(&mut self, value: u8) {
+        let selector = self.selector;
+        let Some(slot) = self.selected_mut() else {
+            return;
+        };
+        if value & FLAG_INSERTING != 0 {
+            slot.inserting = false;
+        }
+        if value & FLAG_REMOVING != 0 {
+            slot.removing = false;
+        }
+        if value & FLAG_EJECT != 0 {
+            log::warn!(
+                "memory hotplug: ignoring the guest's eject of slot {selector}: RAM is only reduced at reboot"
+            );
+        }
+    }
+
+    fn write_status(&mut self, status: u32) -> DeviceEvent {
+        if self.selected().is_none() {
+            return DeviceEvent::None;
+        }
+        DeviceEvent::MemOst {
+            slot: self.selector,
+            event: self.ost_event,
+            status,
+        }
+    }
+}
+
+impl BusDevice for MemHotplug {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        read_image(&self.image(), offset, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> DeviceEvent {
+        let mut event = DeviceEvent::None;
+        if let Some(sel) = merge_write(self.selector, MSEL, 4, offset, data) {
+            self.selector = sel;
+        }
+        if let Some(ev) = merge_write(self.ost_event, MOEV, 4, offset, data) {
+            if self.selected().is_some() {
+                self.ost_event = ev;
+            }
+        }
+        if let Some(status) = merge_write(0, MOSC, 4, offset, data) {
+            event = self.write_status(status);
+        }
+        if let Some(value) = merge_write(0, FLAGS, 1, offset, data) {
+            // Only the low byte was merged.
+            self.write_flags(value as u8);
+        }
+        event
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read_u32(dev: &mut MemHotplug, offset: u64) -> u32 {
+        let mut data = [0u8; 4];
+        dev.read(offset, &mut data);
+        u32::from_le_bytes(data)
+    }
+
+    fn flags(dev: &mut MemHotplug) -> u8 {
+        let mut data = [0u8; 1];
+        dev.read(FLAGS, &mut data);
+        data[0]
+    }
+
+    fn select(dev: &mut MemHotplug, slot: u32) {
+        assert_eq!(dev.write(MSEL, &slot.to_le_bytes()), DeviceEvent::None);
+    }
+
+    #[test]
+    fn insert_validation() {
+        let mut dev = MemHotplug::new(2);
+        assert_eq!(dev.slots(), 2);
+        assert_eq!(dev.used_slots(), 0);
+        assert_eq!(
+            dev.insert(2, 1 << 32, 1 << 27),
+            Err(MemHotplugError::SlotOutOfRange { slot: 2, slots: 2 })
+        );
+        assert!(matches!(
+            dev.insert(0, 1 << 32, 0),
+            Err(MemHotplugError::InvalidRange { .. })
+        ));
+        assert!(matches!(
+            dev.insert(0, u64::MAX - 10, 1 << 27),
+            Err(MemHotplugError::InvalidRange { .. })
+        ));
+        dev.insert(0, 1 << 32, 1 << 27).unwrap();
+        assert_eq!(dev.used_slots(), 1);
+        assert_eq!(
+            dev.insert(0, 1 << 33, 1 << 27),
+            Err(MemHotplugError::SlotInUse(0))
+        );
+        dev.insert(1, (1 << 32) + (1 << 27), 1 << 30).unwrap();
+        assert_eq!(dev.used_slots(), 2);
+    }
+
+    #[test]
+    fn base_and_length_split_into_dwords() {
+        let mut dev = MemHotplug::new(4);
+        dev.insert(0, 0x1_0000_0000, 0x4000_0000).unwrap();
+        dev.insert(1, 0x2_4800_0000, 0x1_2800_0000).unwrap();
+        select(&mut dev, 1);
+        assert_eq!(read_u32(&mut dev, 0x0), 0x4800_0000);
+        assert_eq!(read_u32(&mut dev, 0x4), 0x2);
+        assert_eq!(read_u32(&mut dev, 0x8), 0x2800_0000);
+        assert_eq!(read_u32(&mut dev, 0xc), 0x1);
+        assert_eq!(read_u32(&mut dev, 0x10), 0);
+        assert_eq!(flags(&mut dev), FLAG_ENABLED | FLAG_INSERTING);
+        // A qword read returns the whole base.
+        let mut data = [0u8; 8];
+        dev.read(0, &mut data);
+        assert_eq!(u64::from_le_bytes(data), 0x2_4800_0000);
+        select(&mut dev, 0);
+        assert_eq!(read_u32(&mut dev, 0x4), 0x1);
+        assert_eq!(read_u32(&mut dev, 0x8), 0x4000_0000);
+        // An empty slot reads as zeros.
+        select(&mut dev, 2);
+        let mut all = [0xffu8; REGS_SIZE];
+        dev.read(0, &mut all);
+        assert_eq!(all, [0; REGS_SIZE]);
+    }
+
+    #[test]
+    fn acks_and_ignored_eject() {
+        let mut dev = MemHotplug::new(1);
+        dev.insert(0, 1 << 32, 1 << 27).unwrap();
+        select(&mut dev, 0);
+        assert_eq!(dev.write(FLAGS, &[FLAG_INSERTING]), DeviceEvent::None);
+        assert_eq!(flags(&mut dev), FLAG_ENABLED);
+        assert_eq!(dev.write(FLAGS, &[FLAG_EJECT]), DeviceEvent::None);
+        assert_eq!(flags(&mut dev), FLAG_ENABLED);
+        assert_eq!(dev.used_slots(), 1);
+        assert_eq!(read_u32(&mut dev, 0x8), 1 << 27);
+    }
+
+    #[test]
+    fn ost_reports_event_and_status() {
+        let mut dev = MemHotplug::new(3);
+        dev.insert(0, 1 << 32, 1 << 27).unwrap();
+        dev.insert(1, (1 << 32) + (1 << 27), 1 << 27).unwrap();
+        select(&mut dev, 1);
+        assert_eq!(dev.write(MOEV, &1u32.to_le_bytes()), DeviceEvent::None);
+        assert_eq!(
+            dev.write(MOSC, &0u32.to_le_bytes()),
+            DeviceEvent::MemOst {
+                slot: 1,
+                event: 1,
+                status: 0
+            }
+        );
+        // Writes to MOEV/MOSC do not change what reads return.
+        assert_eq!(read_u32(&mut dev, 0x4), 1);
+        assert_eq!(read_u32(&mut dev, 0x8), 1 << 27);
+    }
+
+    #[test]
+    fn selector_out_of_range() {
+        let mut dev = MemHotplug::new(1);
+        dev.insert(0, 1 << 32, 1 << 27).unwrap();
+        select(&mut dev, 1);
+        let mut all = [0xffu8; REGS_SIZE];
+        dev.read(0, &mut all);
+        assert_eq!(all, [0; REGS_SIZE]);
+        assert_eq!(dev.write(MOSC, &[1, 0, 0, 0]), DeviceEvent::None);
+        dev.write(FLAGS, &[FLAG_INSERTING]);
+        select(&mut dev, 0);
+        assert_eq!(flags(&mut dev), FLAG_ENABLED | FLAG_INSERTING);
+    }
+}

@@ -1,0 +1,165 @@
+//! Seccomp filters: one JSON filter per thread kind (`seccomp/vmm.json` for the main thread,
+//! `seccomp/vcpu.json` for vCPU threads), compiled with seccompiler at start-up and installed
+//! before a thread touches guest-controlled input. A forbidden system call raises SIGSYS, whose
+//! handler names the call and ends the process.
+
+use std::sync::atomic::{AtomicI32, Ordering};
+
+pub use seccompiler::BpfProgram;
+
+/// The main (VMM) thread's filter, as JSON.
+pub const VMM_FILTER_JSON: &str = include_str!("../seccomp/vmm.json");
+/// The vCPU threads' filter, as JSON.
+pub const VCPU_FILTER_JSON: &str = include_str!("../seccomp/vcpu.json");
+
+/// Seccomp errors.
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    /// A JSON filter did not compile.
+    #[error("cannot compile the {0} seccomp filter: {1}")]
+    Compile(&'static str, #[source] seccompiler::Error),
+    /// The JSON did not define the expected filter.
+    #[error("seccomp JSON has no filter named {0:?}")]
+    Missing(&'static str),
+    /// Installing the filter failed.
+    #[error("cannot install seccomp filter: {0}")]
+    Apply(#[source] seccompiler::Error),
+    /// The SIGSYS handler could not be installed.
+    #[error("cannot install the SIGSYS handler: {0}")]
+    SigsysHandler(#[source] std::io::Error),
+}
+
+/// The compiled filters.
+pub struct Filters {
+    /// For the main thread.
+    pub vmm: BpfProgram,
+    /// For vCPU threads.
+    pub vcpu: BpfProgram,
+}
+
+fn compile(name: &'static str, json: &str) -> Result<BpfProgram, SeccompError> {
+    let arch = seccompiler::TargetArch::x86_64;
+    let mut map =
+        seccompiler::compile_from_json(json.as_bytes(), arch).map_err(|e| SeccompError::Compile(name, e))?;
+    map.remove(name).ok_or(SeccompError::Missing(name))
+}
+
+/// Compiles both filters.
+pub fn compile_filters() -> Result<Filters, SeccompError> {
+    Ok(Filters {
+        vmm: compile("vmm", VMM_FILTER_JSON)?,
+        vcpu: compile("vcpu", VCPU_FILTER_JSON)?,
+    })
+}
+
+/// Installs `filter` on the calling thread (threads it creates later inherit it).
+pub fn apply(filter: &BpfProgram) -> Result<(), SeccompError> {
+    seccompiler::apply_filter(filter).map_err(SeccompError::Apply)
+}
+
+/// Terminal to restore (stdin fd) from the SIGSYS handler, or -1.
+static RESTORE_TTY_FD: AtomicI32 = AtomicI32::new(-1);
+/// Saved terminal attributes for [`RESTORE_TTY_FD`].
+static mut SAVED_TERMIOS: Option<libc::termios> = None;
+
+/// Remembers terminal attributes the SIGSYS handler restores before the process dies.
+///
+/// Must be called before any filter is installed (i.e. while single-threaded).
+pub fn set_terminal_to_restore(fd: i32, termios: libc::termios) {
+    // SAFETY: called during start-up before other threads exist and before the SIGSYS handler
+    // can run; the handler only reads the value after RESTORE_TTY_FD is published below.
+    unsafe { SAVED_TERMIOS = Some(termios) };
+    RESTORE_TTY_FD.store(fd, Ordering::SeqCst);
+}
+
+extern "C" fn sigsys_handler(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Offset of `si_syscall` in the SIGSYS layout of x86_64 siginfo_t: 16 bytes of header, then
+    // the 8-byte `_call_addr`.
+    const SI_SYSCALL_OFFSET: usize = 24;
+    let nr = if info.is_null() {
+        -1
+    } else {
+        // SAFETY: the kernel passes a valid siginfo_t for SIGSYS; the read is within its 128 bytes.
+        unsafe { std::ptr::read_unaligned((info as *const u8).add(SI_SYSCALL_OFFSET) as *const i32) }
+    };
+    let fd = RESTORE_TTY_FD.load(Ordering::SeqCst);
+    if fd >= 0 {
+        // SAFETY: SAVED_TERMIOS was written before `fd` was published and is never written
+        // again; tcsetattr is async-signal-safe.
+        unsafe {
+            if let Some(t) = (*std::ptr::addr_of!(SAVED_TERMIOS)).as_ref() {
+                libc::tcsetattr(fd, libc::TCSANOW, t);
+            }
+        }
+    }
+    let mut digits = [0u8; 12];
+    let mut pos = digits.len();
+    let mut n = nr.unsigned_abs();
+    loop {
+        pos -= 1;
+        digits[pos] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 || pos == 0 {
+            break;
+        }
+    }
+    let parts: [&[u8]; 3] = [
+        b"\r\nminivmm: seccomp: forbidden system call nr ",
+        &digits[pos..],
+        b"; exiting (see seccomp/*.json)\n",
+    ];
+    // SAFETY: write(2) and _exit(2) are async-signal-safe; each part is a valid buffer.
+    unsafe {
+        for part in parts {
+            libc::write(2, part.as_ptr() as *const libc::c_void, part.len());
+        }
+        libc::_exit(SECCOMP_EXIT_CODE);
+    }
+}
+
+/// Exit code after a seccomp violation.
+pub const SECCOMP_EXIT_CODE: i32 = 159;
+
+/// Installs the SIGSYS handler that reports a filter violation.
+pub fn install_sigsys_handler() -> Result<(), SeccompError> {
+    // SAFETY: a zeroed sigaction is a valid starting point; we fill handler, flags and an empty
+    // mask, and sigaction only reads the struct.
+    unsafe {
+        let mut act: libc::sigaction = std::mem::zeroed();
+        act.sa_sigaction = sigsys_handler as *const () as usize;
+        act.sa_flags = libc::SA_SIGINFO;
+        libc::sigemptyset(&mut act.sa_mask);
+        if libc::sigaction(libc::SIGSYS, &act, std::ptr::null_mut()) != 0 {
+            return Err(SeccompError::SigsysHandler(std::io::Error::last_os_error()));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_compile() {
+        let f = compile_filters().expect("filters compile");
+        assert!(!f.vmm.is_empty());
+        assert!(!f.vcpu.is_empty());
+    }
+
+    #[test]
+    fn vcpu_filter_is_stricter_than_vmm_filter() {
+        // A vCPU thread spawned after the main thread installed its filter runs under both, so
+        // every syscall the vCPU filter allows must also be allowed by the VMM filter.
+        let names = |json: &str| -> Vec<String> {
+            json.split("\"syscall\"")
+                .skip(1)
+                .filter_map(|s| s.split('"').nth(1).map(str::to_string))
+                .collect()
+        };
+        let vmm = names(VMM_FILTER_JSON);
+        for s in names(VCPU_FILTER_JSON) {
+            assert!(vmm.contains(&s), "{s} is allowed for vCPUs but not for the VMM thread");
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! The KVM virtual machine: VM fd, in-kernel irqchip and PIT, guest memory slots, irqfds and
+//! vCPU creation. Nothing here knows about devices or the guest's boot.
+
+use std::sync::Arc;
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, MmapRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::{cpuid, layout, msr, regs};
+
+/// VM-level errors; each names the failing operation.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// `/dev/kvm` could not be opened.
+    #[error("cannot open /dev/kvm: {0} (is the kvm module loaded and do you have access to /dev/kvm?)")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// The KVM API version is not 12.
+    #[error("unsupported KVM API version {0} (need 12)")]
+    ApiVersion(i32),
+    /// A required KVM capability is absent.
+    #[error("KVM lacks the required capability {0:?}")]
+    MissingCap(Cap),
+    /// A VM ioctl failed.
+    #[error("{0} failed: {1}")]
+    Ioctl(&'static str, #[source] kvm_ioctls::Error),
+    /// Guest memory could not be mapped.
+    #[error("cannot map {size} bytes of guest memory at {addr:#x}: {reason}")]
+    Memory {
+        /// Guest-physical start.
+        addr: u64,
+        /// Length in bytes.
+        size: u64,
+        /// What went wrong.
+        reason: String,
+    },
+    /// Too many memory slots.
+    #[error("no KVM memory slot left (limit {0})")]
+    NoSlot(u32),
+    /// vCPU register, CPUID or MSR setup failed.
+    #[error("setting up vCPU {0}: {1}")]
+    VcpuSetup(u32, String),
+}
+
+/// Capabilities minivmm relies on.
+const REQUIRED_CAPS: [Cap; 8] = [
+    Cap::Irqchip,
+    Cap::UserMemory,
+    Cap::SetTssAddr,
+    Cap::Pit2,
+    Cap::Irqfd,
+    Cap::ImmediateExit,
+    Cap::ExtCpuid,
+    Cap::MpState,
+];
+
+/// Opens `/dev/kvm` and checks the API version and the capabilities minivmm needs.
+pub fn open_kvm() -> Result<Kvm, VmError> {
+    let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+    let version = kvm.get_api_version();
+    if version != 12 {
+        return Err(VmError::ApiVersion(version));
+    }
+    for cap in REQUIRED_CAPS {
+        if !kvm.check_extension(cap) {
+            return Err(VmError::MissingCap(cap));
+        }
+    }
+    Ok(kvm)
+}
+
+/// One VM: its fd, memory and the CPUID template for its vCPUs.
+pub struct Vm {
+    fd: VmFd,
+    memory: GuestMemoryMmap,
+    /// KVM slot numbers of the regions in `memory`, in insertion order.
+    slots: Vec<(u32, GuestAddress, u64)>,
+    max_slots: u32,
+    supported_cpuid: CpuId,
+}
+
+impl Vm {
+    /// Creates a VM with an in-kernel irqchip and PIT and `ram` as boot memory regions.
+    pub fn new(kvm: &Kvm, ram: &[(GuestAddress, usize)]) -> Result<Vm, VmError> {
+        let fd = kvm.create_vm().map_err(|e| VmError::Ioctl("KVM_CREATE_VM", e))?;
+        fd.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
+            .map_err(|e| VmError::Ioctl("KVM_SET_TSS_ADDR", e))?;
+        fd.create_irq_chip()
+            .map_err(|e| VmError::Ioctl("KVM_CREATE_IRQCHIP", e))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(|e| VmError::Ioctl("KVM_CREATE_PIT2", e))?;
+        let supported_cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| VmError::Ioctl("KVM_GET_SUPPORTED_CPUID", e))?;
+        let max_slots = u32::try_from(kvm.get_nr_memslots()).unwrap_or(32);
+        let mut vm = Vm {
+            fd,
+            memory: GuestMemoryMmap::default(),
+            slots: Vec::new(),
+            max_slots,
+            supported_cpuid,
+        };
+        for &(addr, size) in ram {
+            vm.add_memory(addr, size as u64)?;
+        }
+        Ok(vm)
+    }
+
+    /// The VM fd.
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    /// Maps `size` bytes of anonymous, lazily backed memory at `addr` and registers it with KVM.
+    pub fn add_memory(&mut self, addr: GuestAddress, size: u64) -> Result<(), VmError> {
+        let err = |reason: String| VmError::Memory {
+            addr: addr.0,
+            size,
+            reason,
+        };
+        let slot = self.free_slot()?;
+        let len = usize::try_from(size).map_err(|_| err("size overflows usize".into()))?;
+        let mapping = MmapRegion::new(len).map_err(|e| err(e.to_string()))?;
+        let region = GuestRegionMmap::new(mapping, addr).ok_or_else(|| err("address overflow".into()))?;
+        let host = region.as_ptr() as u64;
+        let memory = self
+            .memory
+            .insert_region(Arc::new(region))
+            .map_err(|e| err(e.to_string()))?;
+        let mem_region = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: addr.0,
+            memory_size: size,
+            userspace_addr: host,
+        };
+        // SAFETY: the host range [host, host + size) is a live mapping owned by `memory`, which
+        // this Vm keeps (and so keeps mapped) for as long as the VM fd, and so the slot, exists.
+        unsafe { self.fd.set_user_memory_region(mem_region) }
+            .map_err(|e| VmError::Ioctl("KVM_SET_USER_MEMORY_REGION", e))?;
+        self.memory = memory;
+        self.slots.push((slot, addr, size));
+        Ok(())
+    }
+
+    /// Undoes the last [`Vm::add_memory`] (used to roll back a failed resize).
+    pub fn remove_last_memory(&mut self) -> Result<(), VmError> {
+        let Some(&(slot, addr, size)) = self.slots.last() else {
+            return Ok(());
+        };
+        let mem_region = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: addr.0,
+            memory_size: 0,
+            userspace_addr: 0,
+        };
+        // SAFETY: a zero-sized region deletes the slot; no host memory is referenced.
+        unsafe { self.fd.set_user_memory_region(mem_region) }
+            .map_err(|e| VmError::Ioctl("KVM_SET_USER_MEMORY_REGION (delete)", e))?;
+        let (memory, _) = self
+            .memory
+            .remove_region(addr, size)
+            .map_err(|e| VmError::Memory {
+                addr: addr.0,
+                size,
+                reason: e.to_string(),
+            })?;
+        self.memory = memory;
+        self.slots.pop();
+        Ok(())
+    }
+
+    fn free_slot(&self) -> Result<u32, VmError> {
+        let slot = self.slots.len() as u32;
+        if slot >= self.max_slots {
+            return Err(VmError::NoSlot(self.max_slots));
+        }
+        Ok(slot)
+    }
+
+    /// Total bytes of guest RAM currently mapped.
+    pub fn memory_size(&self) -> u64 {
+        self.memory.iter().map(|r| r.len()).sum()
+    }
+
+    /// Routes `evt` to interrupt line `gsi` (`KVM_IRQFD`).
+    pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), VmError> {
+        self.fd
+            .register_irqfd(evt, gsi)
+            .map_err(|e| VmError::Ioctl("KVM_IRQFD", e))
+    }
+
+    /// Creates vCPU `id` and gives it the CPUID, MSRs and LAPIC setup every vCPU needs
+    /// (boot-time and hot-added alike). Registers for the boot vCPU are set separately.
+    pub fn create_vcpu(&self, id: u32, max_vcpus: u32) -> Result<VcpuFd, VmError> {
+        let vcpu = self
+            .fd
+            .create_vcpu(u64::from(id))
+            .map_err(|e| VmError::Ioctl("KVM_CREATE_VCPU", e))?;
+        let mut cpuid = self.supported_cpuid.clone();
+        cpuid::patch_cpuid(&mut cpuid, id, max_vcpus);
+        vcpu.set_cpuid2(&cpuid)
+            .map_err(|e| VmError::Ioctl("KVM_SET_CPUID2", e))?;
+        msr::setup_msrs(&vcpu).map_err(|e| VmError::VcpuSetup(id, e.to_string()))?;
+        regs::setup_lapic(&vcpu).map_err(|e| VmError::VcpuSetup(id, e.to_string()))?;
+        Ok(vcpu)
+    }
+}

@@ -1,0 +1,723 @@
+//! The VMM: builds a machine (VM, devices, guest image, vCPU threads) from the configuration,
+//! rebuilds it on reboot, and applies runtime resize requests (CPU and memory hotplug).
+//!
+//! A [`Machine`] lives for one boot. The [`Vmm`] outlives reboots and keeps what must persist:
+//! the configuration, the open kernel files, the event channels and the sizes for the next boot.
+
+use std::fs::File;
+use std::io::{Seek, SeekFrom, Write};
+use std::ops::Range;
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use kvm_ioctls::{Kvm, VcpuFd};
+use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::acpi::{self, AcpiConfig};
+use crate::arch::x86_64::{boot, layout, memory, regs};
+use crate::config::{format_size, VmConfig};
+use crate::control::{ControlTarget, VmInfo};
+use crate::devices::acpi_pm::AcpiPm;
+use crate::devices::cpu_hotplug::CpuHotplug;
+use crate::devices::ged::{Ged, GED_CPU, GED_MEMORY, GED_POWER_BUTTON};
+use crate::devices::i8042::I8042;
+use crate::devices::mem_hotplug::MemHotplug;
+use crate::devices::rtc::Rtc;
+use crate::devices::serial::SerialDevice;
+use crate::devices::{Bus, BusDevice, DeviceEvent, Trigger};
+use crate::seccomp::BpfProgram;
+use crate::vcpu::{EventSink, VcpuContext, VcpuEvent, VcpuThread};
+use crate::vm::{Vm, VmError};
+
+/// Smallest guest RAM accepted for a (next-boot) memory size.
+pub const MIN_MEMORY: u64 = 64 << 20;
+
+/// Errors while building or changing the machine.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// A KVM VM operation failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Loading the guest failed.
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    /// ACPI table generation failed.
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
+    /// Boot vCPU register setup failed.
+    #[error("setting up the boot vCPU: {0}")]
+    Regs(#[from] regs::RegsError),
+    /// A vCPU thread could not be started or stopped.
+    #[error(transparent)]
+    Vcpu(#[from] crate::vcpu::VcpuError),
+    /// A device could not be placed on a bus.
+    #[error("device bus: {0}")]
+    Bus(#[from] crate::devices::BusError),
+    /// An eventfd could not be created.
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(#[source] std::io::Error),
+    /// Rewinding a kernel or initramfs file failed.
+    #[error("cannot read {0}: {1}")]
+    Image(String, #[source] std::io::Error),
+}
+
+/// Sizes of the next boot.
+#[derive(Debug, Clone, Copy)]
+struct BootSpec {
+    cpus: u32,
+    mem: u64,
+}
+
+/// A vCPU index's KVM fd and thread. KVM cannot destroy a vCPU, so a fd, once created, is kept
+/// and reused when the CPU is added again.
+#[derive(Default)]
+struct VcpuSlot {
+    parked: Option<VcpuFd>,
+    thread: Option<VcpuThread>,
+}
+
+/// Devices of one boot that the VMM drives directly (besides the buses).
+struct Devices {
+    serial: Arc<Mutex<SerialDevice>>,
+    ged: Arc<Mutex<Ged>>,
+    cpu_hp: Arc<Mutex<CpuHotplug>>,
+    mem_hp: Arc<Mutex<MemHotplug>>,
+}
+
+/// One boot of the guest.
+struct Machine {
+    vm: Vm,
+    devices: Devices,
+    ctx: VcpuContext,
+    vcpus: Vec<VcpuSlot>,
+    boot_mem: u64,
+    window: Range<u64>,
+    hotplugged: u64,
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Everything that outlives a reboot.
+pub struct Vmm {
+    config: VmConfig,
+    kvm: Kvm,
+    kernel: File,
+    initramfs: Option<File>,
+    cmdline: String,
+    serial_out: SharedWriter,
+    serial_irq: EventFd,
+    ged_irq: EventFd,
+    input_room: Arc<EventFd>,
+    events_rx: Receiver<VcpuEvent>,
+    events_wake: Arc<EventFd>,
+    sink: EventSink,
+    vcpu_filter: Option<Arc<BpfProgram>>,
+    next: BootSpec,
+    target_cpus: u32,
+    removal_since: Option<Instant>,
+    machine: Option<Machine>,
+    boots: u32,
+    requested: Option<Request>,
+}
+
+/// A lifecycle change asked for on the control pipe, carried out after the reply is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// Rebuild the VM.
+    Reboot,
+    /// Stop and exit 0.
+    Shutdown,
+}
+
+/// A cloneable writer shared by successive serial devices (one per boot).
+#[derive(Clone)]
+pub struct SharedWriter(Arc<Mutex<Box<dyn Write + Send>>>);
+
+impl SharedWriter {
+    /// Wraps `w`.
+    pub fn new(w: Box<dyn Write + Send>) -> Self {
+        SharedWriter(Arc::new(Mutex::new(w)))
+    }
+}
+
+impl Write for SharedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        lock(&self.0).write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        lock(&self.0).flush()
+    }
+}
+
+/// The kernel command line actually passed to the guest.
+pub fn effective_cmdline(config: &VmConfig) -> String {
+    let mut cmdline = config.cmdline.clone();
+    if config.memory.hotplug_size > 0 && !cmdline.split_whitespace().any(|w| w.starts_with("memhp_default_state=")) {
+        if !cmdline.is_empty() {
+            cmdline.push(' ');
+        }
+        cmdline.push_str("memhp_default_state=online");
+    }
+    cmdline
+}
+
+fn hotplug_slots(window: &Range<u64>) -> usize {
+    let steps = (window.end - window.start) / layout::MEMORY_HOTPLUG_ALIGN;
+    (steps as usize).min(layout::MAX_MEMORY_HOTPLUG_SLOTS)
+}
+
+/// ACPI configuration for a boot.
+pub fn acpi_config(cpus: u32, max_cpus: u32, mem: u64, max_mem: u64) -> AcpiConfig {
+    let window = memory::hotplug_window(mem, max_mem - mem);
+    AcpiConfig {
+        boot_cpus: cpus,
+        max_cpus,
+        memory_slots: hotplug_slots(&window),
+    }
+}
+
+impl Vmm {
+    /// Prepares a VMM; nothing runs until [`Vmm::boot`].
+    ///
+    /// `serial_out` receives the guest's console output; `vcpu_filter` is installed on every vCPU
+    /// thread.
+    pub fn new(
+        config: VmConfig,
+        kvm: Kvm,
+        kernel: File,
+        initramfs: Option<File>,
+        serial_out: SharedWriter,
+        vcpu_filter: Option<Arc<BpfProgram>>,
+    ) -> Result<Vmm, VmmError> {
+        let eventfd = || EventFd::new(EFD_NONBLOCK).map_err(VmmError::EventFd);
+        let (tx, events_rx) = channel();
+        let events_wake = Arc::new(eventfd()?);
+        let next = BootSpec {
+            cpus: config.cpus.boot,
+            mem: config.memory.size,
+        };
+        Ok(Vmm {
+            cmdline: effective_cmdline(&config),
+            kvm,
+            kernel,
+            initramfs,
+            serial_out,
+            serial_irq: eventfd()?,
+            ged_irq: eventfd()?,
+            input_room: Arc::new(eventfd()?),
+            sink: EventSink::new(tx, events_wake.clone()),
+            events_rx,
+            events_wake,
+            vcpu_filter,
+            target_cpus: next.cpus,
+            next,
+            removal_since: None,
+            machine: None,
+            boots: 0,
+            requested: None,
+            config,
+        })
+    }
+
+    /// Event fd the loop watches for vCPU events.
+    pub fn events_fd(&self) -> &EventFd {
+        &self.events_wake
+    }
+
+    /// Event fd signalled when the guest drained the serial receive FIFO.
+    pub fn input_room_fd(&self) -> &EventFd {
+        &self.input_room
+    }
+
+    /// Largest RAM size: boot size plus the hotplug window, fixed at start.
+    pub fn max_mem(&self) -> u64 {
+        self.config.memory.size + self.config.memory.hotplug_size
+    }
+
+    /// Builds the machine for the next boot and starts its vCPUs.
+    pub fn boot(&mut self) -> Result<(), VmmError> {
+        let started = Instant::now();
+        let spec = self.next;
+        let max_cpus = self.config.cpus.max;
+        let vm = Vm::new(&self.kvm, &memory::ram_regions(spec.mem))?;
+
+        // Guest image.
+        self.kernel
+            .seek(SeekFrom::Start(0))
+            .map_err(|e| VmmError::Image(self.config.kernel.display().to_string(), e))?;
+        let kernel = boot::load_kernel(vm.memory(), &mut self.kernel)?;
+        let initrd = match (&mut self.initramfs, &self.config.initramfs) {
+            (Some(file), Some(path)) => {
+                file.seek(SeekFrom::Start(0))
+                    .map_err(|e| VmmError::Image(path.display().to_string(), e))?;
+                Some(boot::load_initramfs(vm.memory(), file, &kernel, spec.mem)?)
+            }
+            _ => None,
+        };
+        boot::configure_system(vm.memory(), &kernel, &self.cmdline, initrd, spec.mem)?;
+        let tables = acpi::build(&acpi_config(spec.cpus, max_cpus, spec.mem, self.max_mem()))?;
+        acpi::write(vm.memory(), &tables)?;
+
+        // Devices.
+        vm.register_irqfd(&self.serial_irq, layout::irq::COM1)?;
+        vm.register_irqfd(&self.ged_irq, layout::irq::GED)?;
+        let window = memory::hotplug_window(spec.mem, self.max_mem() - spec.mem);
+        let trigger = |e: &EventFd| -> Result<Arc<dyn Trigger>, VmmError> {
+            Ok(Arc::new(e.try_clone().map_err(VmmError::EventFd)?))
+        };
+        let serial = Arc::new(Mutex::new(SerialDevice::new(
+            trigger(&self.serial_irq)?,
+            trigger(&self.input_room)?,
+            Box::new(self.serial_out.clone()),
+        )));
+        let devices = Devices {
+            serial,
+            ged: Arc::new(Mutex::new(Ged::new(trigger(&self.ged_irq)?))),
+            cpu_hp: Arc::new(Mutex::new(CpuHotplug::new(max_cpus, spec.cpus))),
+            mem_hp: Arc::new(Mutex::new(MemHotplug::new(hotplug_slots(&window)))),
+        };
+        let mut pio = Bus::new();
+        let serial_dev: Arc<Mutex<dyn BusDevice>> = devices.serial.clone();
+        pio.insert(u64::from(layout::ports::COM1), u64::from(layout::ports::COM1_SIZE), serial_dev)?;
+        pio.insert(u64::from(layout::ports::RTC_INDEX), 2, Arc::new(Mutex::new(Rtc::with_system_clock())))?;
+        pio.insert(u64::from(layout::ports::I8042_DATA), 5, Arc::new(Mutex::new(I8042::new())))?;
+        pio.insert(u64::from(layout::ports::ACPI_SLEEP_CONTROL), 3, Arc::new(Mutex::new(AcpiPm::new())))?;
+        let mut mmio = Bus::new();
+        let ged_dev: Arc<Mutex<dyn BusDevice>> = devices.ged.clone();
+        let cpu_dev: Arc<Mutex<dyn BusDevice>> = devices.cpu_hp.clone();
+        let mem_dev: Arc<Mutex<dyn BusDevice>> = devices.mem_hp.clone();
+        mmio.insert(layout::GED_START, layout::GED_SIZE, ged_dev)?;
+        mmio.insert(layout::CPU_HOTPLUG_START, layout::CPU_HOTPLUG_SIZE, cpu_dev)?;
+        mmio.insert(layout::MEM_HOTPLUG_START, layout::MEM_HOTPLUG_SIZE, mem_dev)?;
+        let ctx = VcpuContext {
+            pio: Arc::new(pio),
+            mmio: Arc::new(mmio),
+            events: self.sink.clone(),
+            seccomp: self.vcpu_filter.clone(),
+        };
+
+        // vCPUs: the BSP gets the boot registers; APs wait in KVM for the guest's INIT/SIPI.
+        let mut vcpus: Vec<VcpuSlot> = (0..max_cpus).map(|_| VcpuSlot::default()).collect();
+        let mut fds = Vec::with_capacity(spec.cpus as usize);
+        for id in 0..spec.cpus {
+            let fd = vm.create_vcpu(id, max_cpus)?;
+            if id == 0 {
+                regs::setup_boot_vcpu(&fd, vm.memory(), &kernel)?;
+            }
+            fds.push(fd);
+        }
+        let mut machine = Machine {
+            vm,
+            devices,
+            ctx,
+            vcpus: Vec::new(),
+            boot_mem: spec.mem,
+            window,
+            hotplugged: 0,
+        };
+        for (id, fd) in fds.into_iter().enumerate() {
+            match VcpuThread::spawn(id as u32, fd, machine.ctx.clone()) {
+                Ok(t) => vcpus[id].thread = Some(t),
+                Err(e) => {
+                    machine.vcpus = vcpus;
+                    stop_all(&mut machine);
+                    return Err(e.into());
+                }
+            }
+        }
+        machine.vcpus = vcpus;
+        self.machine = Some(machine);
+        self.target_cpus = spec.cpus;
+        self.removal_since = None;
+        self.boots += 1;
+        log::info!(
+            "boot {}: {} vCPUs (max {}), {} RAM (max {}), set up in {:?}",
+            self.boots,
+            spec.cpus,
+            max_cpus,
+            format_size(spec.mem),
+            format_size(self.max_mem()),
+            started.elapsed()
+        );
+        Ok(())
+    }
+
+    /// Takes the lifecycle change requested on the control pipe, if any.
+    pub fn take_request(&mut self) -> Option<Request> {
+        self.requested.take()
+    }
+
+    /// Whether `--no-reboot` was given.
+    pub fn no_reboot(&self) -> bool {
+        self.config.no_reboot
+    }
+
+    /// Stops every vCPU and drops the machine.
+    pub fn teardown(&mut self) {
+        if let Some(mut machine) = self.machine.take() {
+            stop_all(&mut machine);
+        }
+    }
+
+    /// Rebuilds the VM for the next boot (current vCPU count, pending RAM size).
+    pub fn reboot(&mut self) -> Result<(), VmmError> {
+        self.next.cpus = self.target_cpus;
+        self.teardown();
+        self.boot()
+    }
+
+    /// Handles the vCPU events that are queued; returns an exit reason if the VM must stop
+    /// or reboot.
+    pub fn process_vcpu_events(&mut self) -> Option<VcpuEvent> {
+        // Reading clears the eventfd; the channel holds the events themselves.
+        let _ = self.events_wake.read();
+        while let Ok(event) = self.events_rx.try_recv() {
+            match event {
+                VcpuEvent::Ejected(cpu) => self.reap_vcpu(cpu),
+                VcpuEvent::Ost(ost) => log_ost(ost),
+                other => {
+                    // Drain the rest so they do not leak into the next boot.
+                    while self.events_rx.try_recv().is_ok() {}
+                    return Some(other);
+                }
+            }
+        }
+        None
+    }
+
+    /// Stops the thread of an ejected vCPU and keeps its fd for reuse.
+    fn reap_vcpu(&mut self, cpu: u32) {
+        let Some(machine) = self.machine.as_mut() else {
+            return;
+        };
+        let Some(slot) = machine.vcpus.get_mut(cpu as usize) else {
+            return;
+        };
+        if let Some(thread) = slot.thread.take() {
+            match thread.stop() {
+                Ok(fd) => slot.parked = Some(fd),
+                Err(e) => log::error!("{e}"),
+            }
+            log::info!("vCPU {cpu} ejected by the guest");
+        }
+        if lock(&machine.devices.cpu_hp).pending_removals().is_empty() {
+            self.removal_since = None;
+        }
+    }
+
+    /// Threads of CPUs the guest has ejected (their eject events may still be queued).
+    fn reap_all_ejected(&mut self) {
+        let ejected: Vec<u32> = match &self.machine {
+            Some(m) => {
+                let hp = lock(&m.devices.cpu_hp);
+                (0..m.vcpus.len() as u32)
+                    .filter(|&i| m.vcpus[i as usize].thread.is_some() && !hp.is_enabled(i))
+                    .collect()
+            }
+            None => Vec::new(),
+        };
+        for cpu in ejected {
+            self.reap_vcpu(cpu);
+        }
+    }
+
+    /// Feeds host input to the guest's UART; returns how many bytes it accepted.
+    pub fn serial_input(&self, bytes: &[u8]) -> usize {
+        match &self.machine {
+            Some(m) => lock(&m.devices.serial).enqueue_input(bytes),
+            None => 0,
+        }
+    }
+
+    fn plan_resize(&self, m: &Machine, cpus: Option<u32>, mem: Option<u64>) -> Result<Plan, String> {
+        let max_cpus = self.config.cpus.max;
+        let (present, removing) = {
+            let hp = lock(&m.devices.cpu_hp);
+            (hp.enabled_count(), hp.pending_removals())
+        };
+        let mut plan = Plan::default();
+        if let Some(n) = cpus {
+            if n == 0 {
+                return Err("cpus=0 is invalid: a VM needs at least one vCPU".into());
+            }
+            if n > max_cpus {
+                return Err(format!("cpus={n} exceeds max_cpus={max_cpus} (set at start with --cpus max=)"));
+            }
+            if !removing.is_empty() && n != self.target_cpus {
+                let since = self.removal_since.map(|t| t.elapsed().as_secs()).unwrap_or(0);
+                return Err(format!(
+                    "removal of vCPU {} still pending for {since}s: the guest has not ejected it yet; retry when info shows removing=none",
+                    join_ids(&removing)
+                ));
+            }
+            if removing.is_empty() {
+                if n > present {
+                    plan.add_cpus = present..n;
+                } else if n < present {
+                    plan.remove_cpus = n..present;
+                }
+            }
+        }
+        if let Some(want) = mem {
+            let current = m.boot_mem + m.hotplugged;
+            let max_mem = self.max_mem();
+            if want > max_mem {
+                return Err(format!(
+                    "mem={} exceeds max_mem={} (size + hotplug_size at start)",
+                    format_size(want),
+                    format_size(max_mem)
+                ));
+            }
+            if want > current {
+                let delta = want - current;
+                let step = layout::MEMORY_HOTPLUG_ALIGN;
+                if delta % step != 0 {
+                    return Err(format!(
+                        "mem={}: growth by {} from {} is not a multiple of {}",
+                        format_size(want),
+                        format_size(delta),
+                        format_size(current),
+                        format_size(step)
+                    ));
+                }
+                let start = m.window.start + m.hotplugged;
+                if start + delta > m.window.end {
+                    return Err(format!(
+                        "mem={}: only {} of the hotplug window is left this boot (reboot to reclaim alignment)",
+                        format_size(want),
+                        format_size(m.window.end - start)
+                    ));
+                }
+                let hp = lock(&m.devices.mem_hp);
+                if hp.used_slots() >= hp.slots() {
+                    return Err(format!(
+                        "all {} memory hotplug slots are used this boot; grow in larger steps or reboot",
+                        hp.slots()
+                    ));
+                }
+                plan.add_mem = Some((hp.used_slots(), start, delta));
+            } else if want < current {
+                if want < MIN_MEMORY {
+                    return Err(format!(
+                        "mem={} is below the minimum of {}",
+                        format_size(want),
+                        format_size(MIN_MEMORY)
+                    ));
+                }
+                if want % (1 << 20) != 0 {
+                    return Err(format!("mem={} is not a multiple of 1M", format_size(want)));
+                }
+            }
+            plan.pending_mem = Some(want);
+        }
+        Ok(plan)
+    }
+
+    fn info_of(&self, m: &Machine) -> VmInfo {
+        let hp = lock(&m.devices.cpu_hp);
+        let mem_hp = lock(&m.devices.mem_hp);
+        VmInfo {
+            state: "running",
+            cpus: hp.enabled_count(),
+            pending_cpus: self.target_cpus,
+            max_cpus: self.config.cpus.max,
+            mem: m.boot_mem + m.hotplugged,
+            pending_mem: self.next.mem,
+            max_mem: self.max_mem(),
+            hotplug_slots_free: (mem_hp.slots() - mem_hp.used_slots()) as u32,
+            removing: hp.pending_removals(),
+        }
+    }
+}
+
+/// A validated resize, applied by [`Vmm::resize`].
+#[derive(Default)]
+struct Plan {
+    add_cpus: Range<u32>,
+    remove_cpus: Range<u32>,
+    /// (slot, guest-physical start, size)
+    add_mem: Option<(usize, u64, u64)>,
+    pending_mem: Option<u64>,
+}
+
+fn join_ids(ids: &[u32]) -> String {
+    ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+}
+
+fn log_ost(ost: DeviceEvent) {
+    match ost {
+        DeviceEvent::CpuOst { cpu, event, status } => {
+            if status == 0 {
+                log::info!("guest _OST: cpu {cpu} event {event:#x} succeeded");
+            } else {
+                log::warn!("guest _OST: cpu {cpu} event {event:#x} failed with status {status:#x}");
+            }
+        }
+        DeviceEvent::MemOst { slot, event, status } => {
+            if status == 0 {
+                log::info!("guest _OST: memory slot {slot} event {event:#x} succeeded");
+            } else {
+                log::warn!("guest _OST: memory slot {slot} event {event:#x} failed with status {status:#x}");
+            }
+        }
+        _ => {}
+    }
+}
+
+fn stop_all(machine: &mut Machine) {
+    for slot in &machine.vcpus {
+        if let Some(t) = &slot.thread {
+            t.signal_stop();
+        }
+    }
+    for slot in &mut machine.vcpus {
+        if let Some(t) = slot.thread.take() {
+            if let Err(e) = t.stop() {
+                log::error!("{e}");
+            }
+        }
+    }
+}
+
+impl ControlTarget for Vmm {
+    fn info(&self) -> VmInfo {
+        match &self.machine {
+            Some(m) => self.info_of(m),
+            None => VmInfo {
+                state: "stopped",
+                cpus: 0,
+                pending_cpus: self.target_cpus,
+                max_cpus: self.config.cpus.max,
+                mem: 0,
+                pending_mem: self.next.mem,
+                max_mem: self.max_mem(),
+                hotplug_slots_free: 0,
+                removing: Vec::new(),
+            },
+        }
+    }
+
+    fn resize(&mut self, cpus: Option<u32>, mem: Option<u64>) -> Result<VmInfo, String> {
+        self.reap_all_ejected();
+        let max_cpus = self.config.cpus.max;
+        let Some(m) = self.machine.as_ref() else {
+            return Err("the VM is not running".into());
+        };
+        let plan = self.plan_resize(m, cpus, mem)?;
+        let Some(m) = self.machine.as_mut() else {
+            return Err("the VM is not running".into());
+        };
+
+        // VMM-side work first; undone if any part fails, since nothing has been announced yet.
+        if let Some((_, start, size)) = plan.add_mem {
+            m.vm.add_memory(GuestAddress(start), size).map_err(|e| e.to_string())?;
+        }
+        let mut started: Vec<u32> = Vec::new();
+        let mut failure = None;
+        for id in plan.add_cpus.clone() {
+            let slot = &mut m.vcpus[id as usize];
+            let fd = match slot.parked.take() {
+                Some(fd) => fd,
+                None => match m.vm.create_vcpu(id, max_cpus) {
+                    Ok(fd) => fd,
+                    Err(e) => {
+                        failure = Some(e.to_string());
+                        break;
+                    }
+                },
+            };
+            match VcpuThread::spawn(id, fd, m.ctx.clone()) {
+                Ok(t) => {
+                    slot.thread = Some(t);
+                    started.push(id);
+                }
+                Err(e) => {
+                    failure = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        if let Some(err) = failure {
+            for id in started {
+                let slot = &mut m.vcpus[id as usize];
+                if let Some(t) = slot.thread.take() {
+                    match t.stop() {
+                        Ok(fd) => slot.parked = Some(fd),
+                        Err(e) => log::error!("{e}"),
+                    }
+                }
+            }
+            if plan.add_mem.is_some() {
+                if let Err(e) = m.vm.remove_last_memory() {
+                    log::error!("rolling back hot-added memory: {e}");
+                }
+            }
+            return Err(format!("resize failed, nothing changed: {err}"));
+        }
+
+        // Commit and announce with a single GED interrupt.
+        let mut flags = 0u8;
+        if let Some((slot, start, size)) = plan.add_mem {
+            if let Err(e) = lock(&m.devices.mem_hp).insert(slot, start, size) {
+                log::error!("memory hotplug slot {slot}: {e}");
+            }
+            m.hotplugged += size;
+            flags |= GED_MEMORY;
+        }
+        {
+            let mut hp = lock(&m.devices.cpu_hp);
+            for id in plan.add_cpus.clone() {
+                hp.insert(id);
+                flags |= GED_CPU;
+            }
+            for id in plan.remove_cpus.clone().rev() {
+                hp.request_removal(id);
+                flags |= GED_CPU;
+            }
+        }
+        if !plan.remove_cpus.is_empty() {
+            self.removal_since = Some(Instant::now());
+        }
+        if let Some(n) = cpus {
+            self.target_cpus = n;
+        }
+        if let Some(want) = plan.pending_mem {
+            self.next.mem = want;
+        }
+        if flags != 0 {
+            if let Err(e) = lock(&m.devices.ged).notify(flags) {
+                log::error!("raising the GED interrupt: {e}");
+            }
+        }
+        let m = self.machine.as_ref().ok_or("the VM is not running")?;
+        Ok(self.info_of(m))
+    }
+
+    fn reboot(&mut self) -> Result<(), String> {
+        // The event loop performs the reboot after the reply is sent.
+        self.requested = Some(Request::Reboot);
+        Ok(())
+    }
+
+    fn shutdown(&mut self) -> Result<(), String> {
+        self.requested = Some(Request::Shutdown);
+        Ok(())
+    }
+
+    fn power_button(&mut self) -> Result<(), String> {
+        let m = self.machine.as_ref().ok_or("the VM is not running")?;
+        lock(&m.devices.ged)
+            .notify(GED_POWER_BUTTON)
+            .map_err(|e| format!("raising the GED interrupt: {e}"))
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
