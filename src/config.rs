@@ -1,1 +1,1195 @@
-//! (in progress)
+//! The minivmm command line: a small hand-written parser producing a validated [`VmConfig`].
+//!
+//! Every option accepts both `--option VALUE` and `--option=VALUE`. Errors are single lines that
+//! name the offending flag; `main` prints them after `minivmm: `. Files are not opened here: the
+//! VMM reports unreadable kernels, initramfs images and directories when it uses them.
+
+use std::os::unix::io::RawFd;
+use std::path::PathBuf;
+
+use crate::arch::x86_64::layout::{CMDLINE_MAX_SIZE, MAX_VCPUS, MEMORY_HOTPLUG_ALIGN};
+
+/// Kernel command line used when `--cmdline` is absent.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+/// Boot RAM used when `--memory` (or its `size=` key) is absent: 512 MiB.
+pub const DEFAULT_MEMORY_SIZE: u64 = 512 << 20;
+/// Smallest boot RAM accepted: 64 MiB.
+pub const MIN_MEMORY_SIZE: u64 = 64 << 20;
+/// Boot RAM must be a multiple of this: 1 MiB.
+pub const MEMORY_SIZE_ALIGN: u64 = 1 << 20;
+/// Upper bound on boot RAM plus the hotplug window (the guest-physical space minivmm supports): 1 TiB.
+pub const MAX_TOTAL_MEMORY: u64 = 1 << 40;
+/// Text printed by `--version`.
+pub const VERSION: &str = concat!("minivmm ", env!("CARGO_PKG_VERSION"));
+
+/// The help text printed by `--help`.
+pub const USAGE: &str = "\
+Usage: minivmm --kernel PATH [OPTIONS]
+
+A minimal KVM virtual machine monitor for x86_64 Linux guests, with ACPI CPU and
+memory hotplug driven through a control pipe.
+
+Options:
+  --kernel PATH              guest kernel, bzImage or ELF vmlinux (required)
+  --initramfs PATH           initramfs image handed to the kernel
+  --cmdline \"ARGS\"           kernel command line
+                             (default: \"console=ttyS0 reboot=k panic=1\")
+  --cpus boot=N[,max=M]      vCPUs at boot and the most vCPUs hotplug may reach,
+                             1 <= N <= M <= 254 (default: boot=1, max=boot)
+  --memory size=SIZE[,hotplug_size=SIZE]
+                             boot RAM (at least 64M, a multiple of 1M) and the
+                             window reserved for hot-added RAM (a multiple of
+                             128M); together at most 1T
+                             (default: size=512M, hotplug_size=0)
+  --serial tty|off|file=PATH guest COM1: connected to stdin/stdout, disabled, or
+                             written to the file PATH (default: tty)
+  --no-reboot                when the guest reboots, exit with status 2 instead
+                             of rebooting it
+  --dump-acpi DIR            write the generated ACPI tables to DIR as *.dat
+  --control PATH             control pipe on the unix socket PATH
+  --control fd=N             control pipe on the inherited descriptor N
+  --control fd=IN,OUT        control pipe reading requests from descriptor IN
+                             and writing replies to descriptor OUT
+  --seccomp on|off           system call filtering (default: on); off is UNSAFE
+                             and meant for debugging only
+  --log-level LEVEL          error, warn, info or debug (default: warn)
+  -h, --help                 print this help and exit
+  -V, --version              print the version and exit
+
+Every option also accepts the form --option=VALUE (needed when VALUE starts
+with \"--\"). SIZE is a byte count with an optional K, M, G or T suffix (binary
+units, any case), optionally followed by B or iB: 512M, 1536MiB, 2g.
+";
+
+/// Everything needed to build and run one VM, as given on the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    /// Guest kernel image (bzImage or ELF vmlinux).
+    pub kernel: PathBuf,
+    /// Optional initramfs image.
+    pub initramfs: Option<PathBuf>,
+    /// Kernel command line ([`DEFAULT_CMDLINE`] unless given).
+    pub cmdline: String,
+    /// vCPU counts.
+    pub cpus: CpuConfig,
+    /// Memory sizes.
+    pub memory: MemoryConfig,
+    /// Where the guest's COM1 goes.
+    pub serial: SerialMode,
+    /// Exit (status 2) on a guest reboot instead of rebooting.
+    pub no_reboot: bool,
+    /// Directory to write the generated ACPI tables to.
+    pub dump_acpi: Option<PathBuf>,
+    /// Control pipe endpoint, if any.
+    pub control: Option<ControlEndpoint>,
+    /// Whether the seccomp filters are installed.
+    pub seccomp: bool,
+    /// Maximum log level.
+    pub log_level: log::LevelFilter,
+}
+
+impl VmConfig {
+    /// A configuration for `kernel` with every other setting at its documented default.
+    pub fn new(kernel: PathBuf) -> Self {
+        VmConfig {
+            kernel,
+            initramfs: None,
+            cmdline: DEFAULT_CMDLINE.to_string(),
+            cpus: CpuConfig::default(),
+            memory: MemoryConfig::default(),
+            serial: SerialMode::Tty,
+            no_reboot: false,
+            dump_acpi: None,
+            control: None,
+            seccomp: true,
+            log_level: log::LevelFilter::Warn,
+        }
+    }
+}
+
+/// vCPU counts: `1 <= boot <= max <= MAX_VCPUS`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuConfig {
+    /// vCPUs present at boot.
+    pub boot: u32,
+    /// Most vCPUs the guest may have through hotplug (all of them are described in ACPI).
+    pub max: u32,
+}
+
+impl Default for CpuConfig {
+    fn default() -> Self {
+        CpuConfig { boot: 1, max: 1 }
+    }
+}
+
+/// Memory sizes in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryConfig {
+    /// Boot RAM: at least [`MIN_MEMORY_SIZE`], a multiple of [`MEMORY_SIZE_ALIGN`].
+    pub size: u64,
+    /// Size of the hotplug window, a multiple of `MEMORY_HOTPLUG_ALIGN` (0: no memory hotplug).
+    pub hotplug_size: u64,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig {
+            size: DEFAULT_MEMORY_SIZE,
+            hotplug_size: 0,
+        }
+    }
+}
+
+/// Where the guest's COM1 is connected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialMode {
+    /// Guest output to stdout, stdin to the guest.
+    Tty,
+    /// No serial device backend: output is dropped, there is no input.
+    Off,
+    /// Guest output written to this file; no input.
+    File(PathBuf),
+}
+
+/// Where the control pipe lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlEndpoint {
+    /// A unix stream socket at this path.
+    Socket(PathBuf),
+    /// Inherited file descriptors: requests are read from `read`, replies written to `write`
+    /// (the same descriptor for `fd=N`).
+    Fd {
+        /// Descriptor requests are read from.
+        read: RawFd,
+        /// Descriptor replies are written to.
+        write: RawFd,
+    },
+}
+
+/// What the command line asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Run a VM with this configuration.
+    Run(Box<VmConfig>),
+    /// Print [`USAGE`] and exit successfully.
+    Help,
+    /// Print [`VERSION`] and exit successfully.
+    Version,
+}
+
+/// A command-line error; `Display` is the complete one-line message (without a "minivmm: " prefix).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// An option minivmm does not know.
+    #[error("unknown option {0} (see --help)")]
+    UnknownOption(String),
+    /// A word that is not an option (minivmm takes no positional arguments).
+    #[error("unexpected argument {0:?} (see --help)")]
+    UnexpectedArgument(String),
+    /// An option that needs a value came last or was followed by another option.
+    #[error("{0}: missing value")]
+    MissingValue(&'static str),
+    /// An option was given an empty value.
+    #[error("{0}: empty value")]
+    EmptyValue(&'static str),
+    /// A flag that takes no value was written as `--flag=value`.
+    #[error("{0} takes no value")]
+    UnexpectedValue(&'static str),
+    /// An option was given twice.
+    #[error("{0} given more than once")]
+    Duplicate(&'static str),
+    /// `--kernel` is absent.
+    #[error("--kernel is required")]
+    MissingKernel,
+    /// An option's value is malformed or out of range.
+    #[error("{flag}: {reason}")]
+    Invalid {
+        /// The option, e.g. `--cpus`.
+        flag: &'static str,
+        /// What is wrong with its value.
+        reason: String,
+    },
+}
+
+/// Why a SIZE could not be parsed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    /// Not a decimal number with an optional binary-unit suffix.
+    #[error(
+        "invalid size {0:?} (use a byte count with an optional K, M, G or T suffix, e.g. 1536M)"
+    )]
+    Invalid(String),
+    /// The number does not fit in 64 bits.
+    #[error("size {0:?} is too large")]
+    Overflow(String),
+}
+
+/// Parses a SIZE: decimal digits, then an optional `K`, `M`, `G` or `T` (binary units, any case),
+/// then an optional `B` or `iB` (`"512M"`, `"512MiB"`, `"4096b"`). Overflow is an error.
+pub fn parse_size(s: &str) -> Result<u64, SizeError> {
+    let digits_end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, suffix) = s.split_at(digits_end);
+    if digits.is_empty() {
+        return Err(SizeError::Invalid(s.to_string()));
+    }
+    let suffix = suffix.to_ascii_lowercase();
+    let (shift, rest) = match suffix.as_bytes().first() {
+        Some(b'k') => (10, &suffix[1..]),
+        Some(b'm') => (20, &suffix[1..]),
+        Some(b'g') => (30, &suffix[1..]),
+        Some(b't') => (40, &suffix[1..]),
+        _ => (0, suffix.as_str()),
+    };
+    let rest_ok = match rest {
+        "" | "b" => true,
+        "ib" => shift != 0,
+        _ => false,
+    };
+    if !rest_ok {
+        return Err(SizeError::Invalid(s.to_string()));
+    }
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| SizeError::Overflow(s.to_string()))?;
+    number
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| SizeError::Overflow(s.to_string()))
+}
+
+/// Formats a byte count with the largest binary unit that divides it exactly:
+/// 536870912 -> "512M", 1610612736 -> "1536M", 2147483648 -> "2G", 1024 -> "1K", 1000 -> "1000".
+/// `parse_size(&format_size(x)) == Ok(x)` for every `x`.
+pub fn format_size(bytes: u64) -> String {
+    if bytes == 0 {
+        return "0".to_string();
+    }
+    for (shift, unit) in [(40, 'T'), (30, 'G'), (20, 'M'), (10, 'K')] {
+        if bytes.trailing_zeros() >= shift {
+            return format!("{}{unit}", bytes >> shift);
+        }
+    }
+    bytes.to_string()
+}
+
+/// The options minivmm knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Opt {
+    Kernel,
+    Initramfs,
+    Cmdline,
+    Cpus,
+    Memory,
+    Serial,
+    NoReboot,
+    DumpAcpi,
+    Control,
+    Seccomp,
+    LogLevel,
+    Help,
+    Version,
+}
+
+impl Opt {
+    const ALL: [Opt; 13] = [
+        Opt::Kernel,
+        Opt::Initramfs,
+        Opt::Cmdline,
+        Opt::Cpus,
+        Opt::Memory,
+        Opt::Serial,
+        Opt::NoReboot,
+        Opt::DumpAcpi,
+        Opt::Control,
+        Opt::Seccomp,
+        Opt::LogLevel,
+        Opt::Help,
+        Opt::Version,
+    ];
+
+    /// The long name, used in error messages.
+    fn name(self) -> &'static str {
+        match self {
+            Opt::Kernel => "--kernel",
+            Opt::Initramfs => "--initramfs",
+            Opt::Cmdline => "--cmdline",
+            Opt::Cpus => "--cpus",
+            Opt::Memory => "--memory",
+            Opt::Serial => "--serial",
+            Opt::NoReboot => "--no-reboot",
+            Opt::DumpAcpi => "--dump-acpi",
+            Opt::Control => "--control",
+            Opt::Seccomp => "--seccomp",
+            Opt::LogLevel => "--log-level",
+            Opt::Help => "--help",
+            Opt::Version => "--version",
+        }
+    }
+
+    fn takes_value(self) -> bool {
+        !matches!(self, Opt::NoReboot | Opt::Help | Opt::Version)
+    }
+
+    fn lookup(name: &str) -> Option<Opt> {
+        match name {
+            "-h" => Some(Opt::Help),
+            "-V" => Some(Opt::Version),
+            _ => Opt::ALL.into_iter().find(|o| o.name() == name),
+        }
+    }
+}
+
+fn invalid(flag: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        flag,
+        reason: reason.into(),
+    }
+}
+
+/// Parses the command line (without `argv[0]`).
+///
+/// `-h`/`--help` and `-V`/`--version` end parsing where they appear. Everything is validated
+/// except that files exist: see the module documentation for the rules.
+pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, ConfigError> {
+    let mut args = args.into_iter();
+    let mut seen: Vec<Opt> = Vec::new();
+    let mut kernel = None;
+    let mut config = VmConfig::new(PathBuf::new());
+
+    while let Some(arg) = args.next() {
+        let (name, inline) = if arg.starts_with("--") {
+            match arg.split_once('=') {
+                Some((name, value)) => (name, Some(value.to_string())),
+                None => (arg.as_str(), None),
+            }
+        } else if arg.starts_with('-') && arg.len() > 1 {
+            (arg.as_str(), None)
+        } else {
+            return Err(ConfigError::UnexpectedArgument(arg));
+        };
+        let opt = Opt::lookup(name).ok_or_else(|| ConfigError::UnknownOption(name.to_string()))?;
+        let flag = opt.name();
+
+        let value = if opt.takes_value() {
+            let value = match inline {
+                Some(v) => v,
+                None => match args.next() {
+                    Some(v) if !v.starts_with("--") => v,
+                    _ => return Err(ConfigError::MissingValue(flag)),
+                },
+            };
+            if value.is_empty() && opt != Opt::Cmdline {
+                return Err(ConfigError::EmptyValue(flag));
+            }
+            value
+        } else {
+            if inline.is_some() {
+                return Err(ConfigError::UnexpectedValue(flag));
+            }
+            String::new()
+        };
+
+        if seen.contains(&opt) {
+            return Err(ConfigError::Duplicate(flag));
+        }
+        seen.push(opt);
+
+        match opt {
+            Opt::Help => return Ok(Command::Help),
+            Opt::Version => return Ok(Command::Version),
+            Opt::Kernel => kernel = Some(PathBuf::from(value)),
+            Opt::Initramfs => config.initramfs = Some(PathBuf::from(value)),
+            Opt::Cmdline => config.cmdline = parse_cmdline(flag, value)?,
+            Opt::Cpus => config.cpus = parse_cpus(flag, &value)?,
+            Opt::Memory => config.memory = parse_memory(flag, &value)?,
+            Opt::Serial => config.serial = parse_serial(flag, &value)?,
+            Opt::NoReboot => config.no_reboot = true,
+            Opt::DumpAcpi => config.dump_acpi = Some(PathBuf::from(value)),
+            Opt::Control => config.control = Some(parse_control(flag, &value)?),
+            Opt::Seccomp => config.seccomp = parse_on_off(flag, &value)?,
+            Opt::LogLevel => config.log_level = parse_log_level(flag, &value)?,
+        }
+    }
+
+    config.kernel = kernel.ok_or(ConfigError::MissingKernel)?;
+    check_stdio_conflict(&config)?;
+    Ok(Command::Run(Box::new(config)))
+}
+
+fn parse_cmdline(flag: &'static str, value: String) -> Result<String, ConfigError> {
+    let max = CMDLINE_MAX_SIZE - 1;
+    if value.len() > max {
+        return Err(invalid(
+            flag,
+            format!("{} bytes is too long, at most {max} bytes fit", value.len()),
+        ));
+    }
+    Ok(value)
+}
+
+/// Splits `value` as `key=value[,key=value...]` over the allowed `keys`; returns one entry per key.
+fn parse_key_values<'a>(
+    flag: &'static str,
+    value: &'a str,
+    keys: &[&'static str],
+    syntax: &str,
+) -> Result<Vec<Option<&'a str>>, ConfigError> {
+    let mut found = vec![None; keys.len()];
+    for item in value.split(',') {
+        if item.is_empty() {
+            return Err(invalid(
+                flag,
+                format!("empty item in {value:?} (expected {syntax})"),
+            ));
+        }
+        let Some((key, val)) = item.split_once('=') else {
+            return Err(invalid(
+                flag,
+                format!("expected key=value, got {item:?} (expected {syntax})"),
+            ));
+        };
+        let Some(index) = keys.iter().position(|k| *k == key) else {
+            return Err(invalid(
+                flag,
+                format!("unknown key {key:?} (expected {})", keys.join(" or ")),
+            ));
+        };
+        if val.is_empty() {
+            return Err(invalid(flag, format!("missing value for {key}")));
+        }
+        if found[index].is_some() {
+            return Err(invalid(flag, format!("duplicate key {key}")));
+        }
+        found[index] = Some(val);
+    }
+    Ok(found)
+}
+
+/// Parses a decimal count; `None` when it is not made of digits only, `Some(None)` on overflow.
+fn parse_decimal(s: &str) -> Option<Option<u64>> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(s.parse().ok())
+}
+
+fn parse_vcpu_count(flag: &'static str, key: &str, s: &str) -> Result<u32, ConfigError> {
+    let too_many = || {
+        invalid(
+            flag,
+            format!("{key}={s} exceeds the maximum of {MAX_VCPUS} vCPUs"),
+        )
+    };
+    match parse_decimal(s) {
+        None => Err(invalid(flag, format!("{key}={s} is not a number"))),
+        Some(None) => Err(too_many()),
+        Some(Some(0)) => Err(invalid(
+            flag,
+            format!("{key}=0 is invalid, need at least 1 vCPU"),
+        )),
+        Some(Some(n)) if n > u64::from(MAX_VCPUS) => Err(too_many()),
+        Some(Some(n)) => u32::try_from(n).map_err(|_| too_many()),
+    }
+}
+
+fn parse_cpus(flag: &'static str, value: &str) -> Result<CpuConfig, ConfigError> {
+    let found = parse_key_values(flag, value, &["boot", "max"], "boot=N[,max=M]")?;
+    let boot = match found[0] {
+        Some(s) => parse_vcpu_count(flag, "boot", s)?,
+        None => 1,
+    };
+    let max = match found[1] {
+        Some(s) => {
+            let max = parse_vcpu_count(flag, "max", s)?;
+            if max < boot {
+                return Err(invalid(flag, format!("max={s} is less than boot={boot}")));
+            }
+            max
+        }
+        None => boot,
+    };
+    Ok(CpuConfig { boot, max })
+}
+
+fn parse_size_value(flag: &'static str, key: &str, s: &str) -> Result<u64, ConfigError> {
+    parse_size(s).map_err(|e| match e {
+        SizeError::Invalid(_) => invalid(
+            flag,
+            format!(
+                "{key}={s} is not a valid size (use a byte count with an optional K, M, G or T suffix, e.g. 1536M)"
+            ),
+        ),
+        SizeError::Overflow(_) => invalid(flag, format!("{key}={s} is too large")),
+    })
+}
+
+fn parse_memory(flag: &'static str, value: &str) -> Result<MemoryConfig, ConfigError> {
+    let found = parse_key_values(
+        flag,
+        value,
+        &["size", "hotplug_size"],
+        "size=SIZE[,hotplug_size=SIZE]",
+    )?;
+    let (size, size_text) = match found[0] {
+        Some(s) => (parse_size_value(flag, "size", s)?, s.to_string()),
+        None => (DEFAULT_MEMORY_SIZE, format_size(DEFAULT_MEMORY_SIZE)),
+    };
+    if size < MIN_MEMORY_SIZE {
+        return Err(invalid(
+            flag,
+            format!(
+                "size={size_text} is too small, need at least {}",
+                format_size(MIN_MEMORY_SIZE)
+            ),
+        ));
+    }
+    if size % MEMORY_SIZE_ALIGN != 0 {
+        return Err(invalid(
+            flag,
+            format!(
+                "size={size_text} is not a multiple of {}",
+                format_size(MEMORY_SIZE_ALIGN)
+            ),
+        ));
+    }
+    let hotplug_size = match found[1] {
+        Some(s) => {
+            let hotplug_size = parse_size_value(flag, "hotplug_size", s)?;
+            if hotplug_size % MEMORY_HOTPLUG_ALIGN != 0 {
+                return Err(invalid(
+                    flag,
+                    format!(
+                        "hotplug_size={s} is not a multiple of {}",
+                        format_size(MEMORY_HOTPLUG_ALIGN)
+                    ),
+                ));
+            }
+            hotplug_size
+        }
+        None => 0,
+    };
+    let limit = format_size(MAX_TOTAL_MEMORY);
+    if size > MAX_TOTAL_MEMORY {
+        return Err(invalid(
+            flag,
+            format!("size={size_text} exceeds the supported {limit} of guest memory"),
+        ));
+    }
+    match size.checked_add(hotplug_size) {
+        Some(total) if total <= MAX_TOTAL_MEMORY => Ok(MemoryConfig { size, hotplug_size }),
+        _ => Err(invalid(
+            flag,
+            format!(
+                "size={size_text} plus hotplug_size={} exceeds the supported {limit} of guest memory",
+                found[1].unwrap_or("0")
+            ),
+        )),
+    }
+}
+
+fn parse_serial(flag: &'static str, value: &str) -> Result<SerialMode, ConfigError> {
+    match value {
+        "tty" => Ok(SerialMode::Tty),
+        "off" => Ok(SerialMode::Off),
+        _ => match value.strip_prefix("file=") {
+            Some("") => Err(invalid(flag, "file= needs a path")),
+            Some(path) => Ok(SerialMode::File(PathBuf::from(path))),
+            None => Err(invalid(
+                flag,
+                format!("unknown mode {value:?} (expected tty, off or file=PATH)"),
+            )),
+        },
+    }
+}
+
+fn parse_fd(flag: &'static str, s: &str) -> Result<RawFd, ConfigError> {
+    if let Some(digits) = s.strip_prefix('-') {
+        if parse_decimal(digits).is_some() {
+            return Err(invalid(
+                flag,
+                format!("fd={s} is invalid, file descriptors are 0 or more"),
+            ));
+        }
+    }
+    match parse_decimal(s) {
+        None => Err(invalid(flag, format!("fd={s} is not a number"))),
+        Some(n) => n
+            .and_then(|n| RawFd::try_from(n).ok())
+            .ok_or_else(|| invalid(flag, format!("fd={s} is too large"))),
+    }
+}
+
+fn parse_control(flag: &'static str, value: &str) -> Result<ControlEndpoint, ConfigError> {
+    let Some(fds) = value.strip_prefix("fd=") else {
+        return Ok(ControlEndpoint::Socket(PathBuf::from(value)));
+    };
+    let parts: Vec<&str> = fds.split(',').collect();
+    match parts.as_slice() {
+        [""] => Err(invalid(
+            flag,
+            "fd= needs a descriptor number (fd=N or fd=IN,OUT)",
+        )),
+        [fd] => {
+            let fd = parse_fd(flag, fd)?;
+            Ok(ControlEndpoint::Fd {
+                read: fd,
+                write: fd,
+            })
+        }
+        [read, write] => Ok(ControlEndpoint::Fd {
+            read: parse_fd(flag, read)?,
+            write: parse_fd(flag, write)?,
+        }),
+        _ => Err(invalid(
+            flag,
+            format!("expected fd=N or fd=IN,OUT, got {value:?}"),
+        )),
+    }
+}
+
+fn parse_on_off(flag: &'static str, value: &str) -> Result<bool, ConfigError> {
+    match value {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(invalid(flag, format!("expected on or off, got {value:?}"))),
+    }
+}
+
+fn parse_log_level(flag: &'static str, value: &str) -> Result<log::LevelFilter, ConfigError> {
+    match value.to_ascii_lowercase().as_str() {
+        "error" => Ok(log::LevelFilter::Error),
+        "warn" => Ok(log::LevelFilter::Warn),
+        "info" => Ok(log::LevelFilter::Info),
+        "debug" => Ok(log::LevelFilter::Debug),
+        _ => Err(invalid(
+            flag,
+            format!("unknown level {value:?} (expected error, warn, info or debug)"),
+        )),
+    }
+}
+
+/// `--serial tty` owns stdin and stdout; a control pipe on those descriptors would fight over them.
+fn check_stdio_conflict(config: &VmConfig) -> Result<(), ConfigError> {
+    if config.serial != SerialMode::Tty {
+        return Ok(());
+    }
+    if let Some(ControlEndpoint::Fd { read, write }) = config.control {
+        for fd in [read, write] {
+            if fd == libc::STDIN_FILENO || fd == libc::STDOUT_FILENO {
+                return Err(invalid(
+                    Opt::Control.name(),
+                    format!(
+                        "fd={fd} is used by --serial tty for the guest console (add --serial off or --serial file=PATH)"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn run(list: &[&str]) -> VmConfig {
+        match parse_args(args(list)) {
+            Ok(Command::Run(config)) => *config,
+            other => panic!("{list:?}: expected Run, got {other:?}"),
+        }
+    }
+
+    fn err(list: &[&str]) -> String {
+        match parse_args(args(list)) {
+            Err(e) => e.to_string(),
+            Ok(other) => panic!("{list:?}: expected an error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn minimal_command_line_uses_defaults() {
+        let config = run(&["--kernel", "/boot/vmlinuz"]);
+        assert_eq!(config, VmConfig::new(PathBuf::from("/boot/vmlinuz")));
+        assert_eq!(config.cmdline, "console=ttyS0 reboot=k panic=1");
+        assert_eq!(config.cpus, CpuConfig { boot: 1, max: 1 });
+        assert_eq!(
+            config.memory,
+            MemoryConfig {
+                size: 512 << 20,
+                hotplug_size: 0
+            }
+        );
+        assert_eq!(config.serial, SerialMode::Tty);
+        assert!(!config.no_reboot);
+        assert!(config.seccomp);
+        assert_eq!(config.log_level, log::LevelFilter::Warn);
+        assert_eq!(config.initramfs, None);
+        assert_eq!(config.dump_acpi, None);
+        assert_eq!(config.control, None);
+    }
+
+    #[test]
+    fn full_command_line_in_both_forms() {
+        let expected = VmConfig {
+            kernel: PathBuf::from("bzImage"),
+            initramfs: Some(PathBuf::from("initrd.cpio")),
+            cmdline: "console=ttyS0 quiet".to_string(),
+            cpus: CpuConfig { boot: 2, max: 8 },
+            memory: MemoryConfig {
+                size: 1 << 30,
+                hotplug_size: 2 << 30,
+            },
+            serial: SerialMode::File(PathBuf::from("/tmp/console.log")),
+            no_reboot: true,
+            dump_acpi: Some(PathBuf::from("/tmp/acpi")),
+            control: Some(ControlEndpoint::Socket(PathBuf::from("/run/vm.sock"))),
+            seccomp: false,
+            log_level: log::LevelFilter::Debug,
+        };
+        let separate = run(&[
+            "--kernel",
+            "bzImage",
+            "--initramfs",
+            "initrd.cpio",
+            "--cmdline",
+            "console=ttyS0 quiet",
+            "--cpus",
+            "boot=2,max=8",
+            "--memory",
+            "size=1G,hotplug_size=2G",
+            "--serial",
+            "file=/tmp/console.log",
+            "--no-reboot",
+            "--dump-acpi",
+            "/tmp/acpi",
+            "--control",
+            "/run/vm.sock",
+            "--seccomp",
+            "off",
+            "--log-level",
+            "debug",
+        ]);
+        assert_eq!(separate, expected);
+        let joined = run(&[
+            "--kernel=bzImage",
+            "--initramfs=initrd.cpio",
+            "--cmdline=console=ttyS0 quiet",
+            "--cpus=max=8,boot=2",
+            "--memory=hotplug_size=2048M,size=1024MiB",
+            "--serial=file=/tmp/console.log",
+            "--no-reboot",
+            "--dump-acpi=/tmp/acpi",
+            "--control=/run/vm.sock",
+            "--seccomp=off",
+            "--log-level=DEBUG",
+        ]);
+        assert_eq!(joined, expected);
+    }
+
+    #[test]
+    fn help_and_version() {
+        assert_eq!(parse_args(args(&["--help"])), Ok(Command::Help));
+        assert_eq!(parse_args(args(&["-h"])), Ok(Command::Help));
+        assert_eq!(parse_args(args(&["--version"])), Ok(Command::Version));
+        assert_eq!(parse_args(args(&["-V"])), Ok(Command::Version));
+        // No --kernel needed, and parsing stops there.
+        assert_eq!(
+            parse_args(args(&["--cpus", "boot=2", "--help", "--bogus"])),
+            Ok(Command::Help)
+        );
+        assert_eq!(err(&["--help=yes"]), "--help takes no value");
+        assert!(VERSION.starts_with("minivmm "));
+    }
+
+    #[test]
+    fn usage_documents_every_option_and_default() {
+        for opt in Opt::ALL {
+            assert!(USAGE.contains(opt.name()), "{} missing", opt.name());
+        }
+        assert!(USAGE.contains(DEFAULT_CMDLINE));
+        assert!(USAGE.contains("-h, --help") && USAGE.contains("-V, --version"));
+        assert!(USAGE.lines().all(|l| l.len() <= 80));
+    }
+
+    #[test]
+    fn cmdline_may_be_empty_or_start_with_dashes() {
+        assert_eq!(run(&["--kernel", "k", "--cmdline", ""]).cmdline, "");
+        assert_eq!(run(&["--kernel", "k", "--cmdline="]).cmdline, "");
+        assert_eq!(
+            run(&["--kernel", "k", "--cmdline=-- init=/bin/sh"]).cmdline,
+            "-- init=/bin/sh"
+        );
+        let long = "x".repeat(2047);
+        assert_eq!(run(&["--kernel", "k", "--cmdline", &long]).cmdline, long);
+        let too_long = "x".repeat(2048);
+        assert_eq!(
+            err(&["--kernel", "k", "--cmdline", &too_long]),
+            "--cmdline: 2048 bytes is too long, at most 2047 bytes fit"
+        );
+    }
+
+    #[test]
+    fn option_syntax_errors() {
+        assert_eq!(err(&["--foo"]), "unknown option --foo (see --help)");
+        assert_eq!(err(&["--foo=1"]), "unknown option --foo (see --help)");
+        assert_eq!(err(&["-x"]), "unknown option -x (see --help)");
+        assert_eq!(err(&["--"]), "unknown option -- (see --help)");
+        assert_eq!(
+            err(&["--kernel", "k", "extra"]),
+            "unexpected argument \"extra\" (see --help)"
+        );
+        assert_eq!(err(&["-"]), "unexpected argument \"-\" (see --help)");
+        assert_eq!(err(&["--kernel"]), "--kernel: missing value");
+        assert_eq!(err(&["--kernel", "--no-reboot"]), "--kernel: missing value");
+        assert_eq!(err(&["--kernel="]), "--kernel: empty value");
+        assert_eq!(
+            err(&["--kernel", "k", "--initramfs", ""]),
+            "--initramfs: empty value"
+        );
+        assert_eq!(err(&["--no-reboot=1"]), "--no-reboot takes no value");
+        assert_eq!(
+            err(&["--kernel", "a", "--kernel=b"]),
+            "--kernel given more than once"
+        );
+        assert_eq!(
+            err(&["--kernel", "a", "--no-reboot", "--no-reboot"]),
+            "--no-reboot given more than once"
+        );
+        assert_eq!(err(&[]), "--kernel is required");
+        assert_eq!(err(&["--cpus", "boot=2"]), "--kernel is required");
+    }
+
+    #[test]
+    fn cpus() {
+        let cpus = |v: &str| run(&["--kernel", "k", "--cpus", v]).cpus;
+        assert_eq!(cpus("boot=4"), CpuConfig { boot: 4, max: 4 });
+        assert_eq!(cpus("boot=2,max=4"), CpuConfig { boot: 2, max: 4 });
+        assert_eq!(cpus("max=4"), CpuConfig { boot: 1, max: 4 });
+        assert_eq!(
+            cpus("boot=254"),
+            CpuConfig {
+                boot: 254,
+                max: 254
+            }
+        );
+        assert_eq!(cpus("boot=1,max=254"), CpuConfig { boot: 1, max: 254 });
+
+        let e = |v: &str| err(&["--kernel", "k", "--cpus", v]);
+        assert_eq!(
+            e("boot=0"),
+            "--cpus: boot=0 is invalid, need at least 1 vCPU"
+        );
+        assert_eq!(
+            e("boot=2,max=0"),
+            "--cpus: max=0 is invalid, need at least 1 vCPU"
+        );
+        assert_eq!(e("boot=4,max=2"), "--cpus: max=2 is less than boot=4");
+        assert_eq!(
+            e("boot=255"),
+            "--cpus: boot=255 exceeds the maximum of 254 vCPUs"
+        );
+        assert_eq!(
+            e("max=99999999999999999999999"),
+            "--cpus: max=99999999999999999999999 exceeds the maximum of 254 vCPUs"
+        );
+        assert_eq!(e("boot=two"), "--cpus: boot=two is not a number");
+        assert_eq!(e("boot=-1"), "--cpus: boot=-1 is not a number");
+        assert_eq!(e("boot=+1"), "--cpus: boot=+1 is not a number");
+        assert_eq!(e("boot="), "--cpus: missing value for boot");
+        assert_eq!(e("boot=1,boot=2"), "--cpus: duplicate key boot");
+        assert_eq!(
+            e("boot=1,cores=2"),
+            "--cpus: unknown key \"cores\" (expected boot or max)"
+        );
+        assert_eq!(
+            e("4"),
+            "--cpus: expected key=value, got \"4\" (expected boot=N[,max=M])"
+        );
+        assert_eq!(
+            e("boot=1,"),
+            "--cpus: empty item in \"boot=1,\" (expected boot=N[,max=M])"
+        );
+    }
+
+    #[test]
+    fn memory() {
+        let mem = |v: &str| run(&["--kernel", "k", "--memory", v]).memory;
+        assert_eq!(
+            mem("size=1G"),
+            MemoryConfig {
+                size: 1 << 30,
+                hotplug_size: 0
+            }
+        );
+        assert_eq!(
+            mem("size=64M,hotplug_size=128M"),
+            MemoryConfig {
+                size: 64 << 20,
+                hotplug_size: 128 << 20
+            }
+        );
+        assert_eq!(
+            mem("hotplug_size=1G"),
+            MemoryConfig {
+                size: 512 << 20,
+                hotplug_size: 1 << 30
+            }
+        );
+        assert_eq!(
+            mem("size=512G,hotplug_size=512G"),
+            MemoryConfig {
+                size: 512 << 30,
+                hotplug_size: 512 << 30
+            }
+        );
+        assert_eq!(mem("size=1T").size, 1 << 40);
+
+        let e = |v: &str| err(&["--kernel", "k", "--memory", v]);
+        assert_eq!(
+            e("size=32M"),
+            "--memory: size=32M is too small, need at least 64M"
+        );
+        assert_eq!(
+            e("size=0"),
+            "--memory: size=0 is too small, need at least 64M"
+        );
+        assert_eq!(
+            e("size=100000K"),
+            "--memory: size=100000K is not a multiple of 1M"
+        );
+        assert_eq!(
+            e("size=512M,hotplug_size=100M"),
+            "--memory: hotplug_size=100M is not a multiple of 128M"
+        );
+        assert_eq!(
+            e("size=1025G"),
+            "--memory: size=1025G exceeds the supported 1T of guest memory"
+        );
+        assert_eq!(
+            e("size=1T,hotplug_size=128M"),
+            "--memory: size=1T plus hotplug_size=128M exceeds the supported 1T of guest memory"
+        );
+        assert_eq!(
+            e("hotplug_size=16383T"),
+            "--memory: size=512M plus hotplug_size=16383T exceeds the supported 1T of guest memory"
+        );
+        assert_eq!(
+            e("size=12Q"),
+            "--memory: size=12Q is not a valid size (use a byte count with an optional K, M, G or T suffix, e.g. 1536M)"
+        );
+        assert_eq!(
+            e("size=99999999999T"),
+            "--memory: size=99999999999T is too large"
+        );
+        assert_eq!(e("size=1G,size=2G"), "--memory: duplicate key size");
+        assert_eq!(
+            e("ram=1G"),
+            "--memory: unknown key \"ram\" (expected size or hotplug_size)"
+        );
+        assert_eq!(
+            e("hotplug_size="),
+            "--memory: missing value for hotplug_size"
+        );
+        assert_eq!(
+            e("1G"),
+            "--memory: expected key=value, got \"1G\" (expected size=SIZE[,hotplug_size=SIZE])"
+        );
+    }
+
+    #[test]
+    fn serial() {
+        let serial = |v: &str| run(&["--kernel", "k", "--serial", v]).serial;
+        assert_eq!(serial("tty"), SerialMode::Tty);
+        assert_eq!(serial("off"), SerialMode::Off);
+        assert_eq!(
+            serial("file=out.log"),
+            SerialMode::File(PathBuf::from("out.log"))
+        );
+        let e = |v: &str| err(&["--kernel", "k", "--serial", v]);
+        assert_eq!(e("file="), "--serial: file= needs a path");
+        assert_eq!(
+            e("pty"),
+            "--serial: unknown mode \"pty\" (expected tty, off or file=PATH)"
+        );
+        assert_eq!(
+            e("TTY"),
+            "--serial: unknown mode \"TTY\" (expected tty, off or file=PATH)"
+        );
+    }
+
+    #[test]
+    fn control() {
+        let control = |v: &[&str]| {
+            let mut list = vec!["--kernel", "k", "--serial", "off", "--control"];
+            list.extend_from_slice(v);
+            run(&list).control
+        };
+        assert_eq!(
+            control(&["/tmp/ctl"]),
+            Some(ControlEndpoint::Socket(PathBuf::from("/tmp/ctl")))
+        );
+        assert_eq!(
+            control(&["./fd=3"]),
+            Some(ControlEndpoint::Socket(PathBuf::from("./fd=3")))
+        );
+        assert_eq!(
+            control(&["fd=3"]),
+            Some(ControlEndpoint::Fd { read: 3, write: 3 })
+        );
+        assert_eq!(
+            control(&["fd=0,1"]),
+            Some(ControlEndpoint::Fd { read: 0, write: 1 })
+        );
+        assert_eq!(
+            control(&["fd=2147483647"]),
+            Some(ControlEndpoint::Fd {
+                read: i32::MAX,
+                write: i32::MAX
+            })
+        );
+
+        let e = |v: &str| err(&["--kernel", "k", "--serial", "off", "--control", v]);
+        assert_eq!(
+            e("fd="),
+            "--control: fd= needs a descriptor number (fd=N or fd=IN,OUT)"
+        );
+        assert_eq!(
+            e("fd=-1"),
+            "--control: fd=-1 is invalid, file descriptors are 0 or more"
+        );
+        assert_eq!(
+            e("fd=3,-4"),
+            "--control: fd=-4 is invalid, file descriptors are 0 or more"
+        );
+        assert_eq!(e("fd=x"), "--control: fd=x is not a number");
+        assert_eq!(e("fd=3,"), "--control: fd= is not a number");
+        assert_eq!(e("fd=2147483648"), "--control: fd=2147483648 is too large");
+        assert_eq!(
+            e("fd=3,4,5"),
+            "--control: expected fd=N or fd=IN,OUT, got \"fd=3,4,5\""
+        );
+    }
+
+    #[test]
+    fn control_on_stdio_conflicts_with_serial_tty() {
+        assert_eq!(
+            err(&["--kernel", "k", "--control", "fd=0,4"]),
+            "--control: fd=0 is used by --serial tty for the guest console (add --serial off or --serial file=PATH)"
+        );
+        assert_eq!(
+            err(&["--control", "fd=3,1", "--kernel", "k"]),
+            "--control: fd=1 is used by --serial tty for the guest console (add --serial off or --serial file=PATH)"
+        );
+        assert_eq!(
+            run(&["--kernel", "k", "--control", "fd=3,4"]).control,
+            Some(ControlEndpoint::Fd { read: 3, write: 4 })
+        );
+    }
+
+    #[test]
+    fn seccomp_and_log_level() {
+        assert!(run(&["--kernel", "k", "--seccomp", "on"]).seccomp);
+        assert!(!run(&["--kernel", "k", "--seccomp=off"]).seccomp);
+        assert_eq!(
+            err(&["--kernel", "k", "--seccomp", "no"]),
+            "--seccomp: expected on or off, got \"no\""
+        );
+        for (text, level) in [
+            ("error", log::LevelFilter::Error),
+            ("warn", log::LevelFilter::Warn),
+            ("Info", log::LevelFilter::Info),
+            ("debug", log::LevelFilter::Debug),
+        ] {
+            assert_eq!(
+                run(&["--kernel", "k", "--log-level", text]).log_level,
+                level
+            );
+        }
+        assert_eq!(
+            err(&["--kernel", "k", "--log-level", "verbose"]),
+            "--log-level: unknown level \"verbose\" (expected error, warn, info or debug)"
+        );
+    }
+
+    #[test]
+    fn parse_size_accepts_units_and_suffixes() {
+        assert_eq!(parse_size("0"), Ok(0));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert_eq!(parse_size("4096b"), Ok(4096));
+        assert_eq!(parse_size("1K"), Ok(1024));
+        assert_eq!(parse_size("1k"), Ok(1024));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("512mib"), Ok(512 << 20));
+        assert_eq!(parse_size("512MB"), Ok(512 << 20));
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_size("2gib"), Ok(2 << 30));
+        assert_eq!(parse_size("1T"), Ok(1 << 40));
+        assert_eq!(parse_size("007M"), Ok(7 << 20));
+        assert_eq!(parse_size("18446744073709551615"), Ok(u64::MAX));
+        assert_eq!(parse_size("16777215T"), Ok(16777215 << 40));
+    }
+
+    #[test]
+    fn parse_size_rejects_garbage_and_overflow() {
+        for bad in [
+            "", "M", "12Q", "1.5G", "-1", "+1", " 1", "1 ", "1iB", "1Gb2", "1GG", "1KiBB", "0x10",
+            "1e3",
+        ] {
+            assert_eq!(
+                parse_size(bad),
+                Err(SizeError::Invalid(bad.to_string())),
+                "{bad:?}"
+            );
+        }
+        for big in [
+            "18446744073709551616",
+            "16777216T",
+            "17179869184G",
+            "99999999999999999999999K",
+        ] {
+            assert_eq!(
+                parse_size(big),
+                Err(SizeError::Overflow(big.to_string())),
+                "{big:?}"
+            );
+        }
+        assert_eq!(
+            SizeError::Invalid("12Q".into()).to_string(),
+            "invalid size \"12Q\" (use a byte count with an optional K, M, G or T suffix, e.g. 1536M)"
+        );
+        assert_eq!(
+            SizeError::Overflow("99999T".into()).to_string(),
+            "size \"99999T\" is too large"
+        );
+    }
+
+    #[test]
+    fn format_size_examples_and_round_trip() {
+        assert_eq!(format_size(536870912), "512M");
+        assert_eq!(format_size(1610612736), "1536M");
+        assert_eq!(format_size(2147483648), "2G");
+        assert_eq!(format_size(1024), "1K");
+        assert_eq!(format_size(1000), "1000");
+        assert_eq!(format_size(0), "0");
+        assert_eq!(format_size(1 << 40), "1T");
+        assert_eq!(format_size(3 << 40), "3T");
+        assert_eq!(format_size((1 << 40) + (1 << 30)), "1025G");
+        assert_eq!(format_size(u64::MAX), u64::MAX.to_string());
+        assert_eq!(format_size(1 << 63), "8388608T");
+        let mut x: u64 = 1;
+        for _ in 0..2000 {
+            assert_eq!(parse_size(&format_size(x)), Ok(x), "{x}");
+            // A cheap deterministic walk over many magnitudes and bit patterns.
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let shifted = x >> (x % 64);
+            assert_eq!(parse_size(&format_size(shifted)), Ok(shifted), "{shifted}");
+            assert_eq!(parse_size(&format_size(shifted << 20)), Ok(shifted << 20));
+        }
+    }
+}

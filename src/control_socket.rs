@@ -113,9 +113,11 @@ impl ControlServer {
                     Ok(_) => return Err(ControlSocketError::NotASocket(path.clone())),
                     Err(_) => {}
                 }
-                let listener =
-                    UnixListener::bind(path).map_err(|e| ControlSocketError::Bind(path.clone(), e))?;
-                listener.set_nonblocking(true).map_err(ControlSocketError::Io)?;
+                let listener = UnixListener::bind(path)
+                    .map_err(|e| ControlSocketError::Bind(path.clone(), e))?;
+                listener
+                    .set_nonblocking(true)
+                    .map_err(ControlSocketError::Io)?;
                 server.listener = Some((listener, path.clone()));
             }
             ControlEndpoint::Fd { read, write } => {
@@ -148,7 +150,13 @@ impl ControlServer {
     }
 
     /// Handles readiness of one control fd; requests are answered through `target`.
-    pub fn handle(&mut self, epoll: &Epoll, token: u64, events: EventSet, target: &mut dyn ControlTarget) {
+    pub fn handle(
+        &mut self,
+        epoll: &Epoll,
+        token: u64,
+        events: EventSet,
+        target: &mut dyn ControlTarget,
+    ) {
         if token == TOKEN_LISTENER {
             self.accept(epoll);
             return;
@@ -162,7 +170,9 @@ impl ControlServer {
         if events.contains(EventSet::OUT) {
             flush(conn);
         }
-        if events.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::READ_HANG_UP | EventSet::ERROR) {
+        if events
+            .intersects(EventSet::IN | EventSet::HANG_UP | EventSet::READ_HANG_UP | EventSet::ERROR)
+        {
             serve(conn, target);
         }
         let done = (conn.eof && (conn.pending.is_empty() || conn.output.is_none()))
@@ -186,7 +196,9 @@ impl ControlServer {
     }
 
     fn accept(&mut self, epoll: &Epoll) {
-        let Some((listener, _)) = &self.listener else { return };
+        let Some((listener, _)) = &self.listener else {
+            return;
+        };
         let mut accepted = Vec::new();
         loop {
             match listener.accept() {
@@ -245,7 +257,11 @@ impl Drop for ControlServer {
 }
 
 fn add(epoll: &Epoll, fd: RawFd, token: u64) -> std::io::Result<()> {
-    epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token))
+    epoll.ctl(
+        ControlOperation::Add,
+        fd,
+        EpollEvent::new(EventSet::IN, token),
+    )
 }
 
 /// Reads what is available, answers every complete line.
@@ -257,7 +273,9 @@ fn serve(conn: &mut Conn, target: &mut dyn ControlTarget) {
             for line in conn.lines.push(&buf[..n]) {
                 let reply = match line {
                     Line::Complete(l) => handle_line(&l, target),
-                    Line::TooLong => error_reply(&format!("request longer than {MAX_LINE} bytes; ignored")),
+                    Line::TooLong => {
+                        error_reply(&format!("request longer than {MAX_LINE} bytes; ignored"))
+                    }
                 };
                 conn.pending.extend_from_slice(reply.as_bytes());
             }

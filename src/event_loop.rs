@@ -57,7 +57,11 @@ impl InputPump {
             return;
         }
         let result = if on {
-            epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, TOKEN_STDIN))
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, TOKEN_STDIN),
+            )
         } else {
             epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default())
         };
@@ -124,11 +128,17 @@ pub fn termination_signalfd() -> Result<RawFd, EventLoopError> {
             libc::sigaddset(&mut set, sig);
         }
         if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
-            return Err(EventLoopError::Io("pthread_sigmask", std::io::Error::last_os_error()));
+            return Err(EventLoopError::Io(
+                "pthread_sigmask",
+                std::io::Error::last_os_error(),
+            ));
         }
         let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
         if fd < 0 {
-            return Err(EventLoopError::Io("signalfd", std::io::Error::last_os_error()));
+            return Err(EventLoopError::Io(
+                "signalfd",
+                std::io::Error::last_os_error(),
+            ));
         }
         Ok(fd)
     }
@@ -158,7 +168,11 @@ pub fn run(
     let epoll = Epoll::new().map_err(io("epoll_create1"))?;
     let add = |fd: RawFd, token: u64| {
         epoll
-            .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token))
+            .ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            )
             .map_err(io("epoll_ctl"))
     };
     use std::os::fd::AsRawFd;

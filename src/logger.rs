@@ -13,7 +13,11 @@ impl log::Log for StderrLogger {
         if self.enabled(record.metadata()) {
             let level = record.level().as_str().to_ascii_lowercase();
             // "\r" first: the terminal may be in raw mode, where "\n" does not return the carriage.
-            let _ = writeln!(std::io::stderr().lock(), "\rminivmm: {level}: {}\r", record.args());
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "\rminivmm: {level}: {}\r",
+                record.args()
+            );
         }
     }
 

@@ -39,8 +39,8 @@ pub struct Filters {
 
 fn compile(name: &'static str, json: &str) -> Result<BpfProgram, SeccompError> {
     let arch = seccompiler::TargetArch::x86_64;
-    let mut map =
-        seccompiler::compile_from_json(json.as_bytes(), arch).map_err(|e| SeccompError::Compile(name, e))?;
+    let mut map = seccompiler::compile_from_json(json.as_bytes(), arch)
+        .map_err(|e| SeccompError::Compile(name, e))?;
     map.remove(name).ok_or(SeccompError::Missing(name))
 }
 
@@ -80,7 +80,9 @@ extern "C" fn sigsys_handler(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut
         -1
     } else {
         // SAFETY: the kernel passes a valid siginfo_t for SIGSYS; the read is within its 128 bytes.
-        unsafe { std::ptr::read_unaligned((info as *const u8).add(SI_SYSCALL_OFFSET) as *const i32) }
+        unsafe {
+            std::ptr::read_unaligned((info as *const u8).add(SI_SYSCALL_OFFSET) as *const i32)
+        }
     };
     let fd = RESTORE_TTY_FD.load(Ordering::SeqCst);
     if fd >= 0 {
@@ -159,7 +161,10 @@ mod tests {
         };
         let vmm = names(VMM_FILTER_JSON);
         for s in names(VCPU_FILTER_JSON) {
-            assert!(vmm.contains(&s), "{s} is allowed for vCPUs but not for the VMM thread");
+            assert!(
+                vmm.contains(&s),
+                "{s} is allowed for vCPUs but not for the VMM thread"
+            );
         }
     }
 }

@@ -50,7 +50,11 @@ pub fn set_nonblocking(fd: RawFd, on: bool) -> std::io::Result<i32> {
     if flags < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    let new = if on { flags | libc::O_NONBLOCK } else { flags & !libc::O_NONBLOCK };
+    let new = if on {
+        flags | libc::O_NONBLOCK
+    } else {
+        flags & !libc::O_NONBLOCK
+    };
     // SAFETY: as above.
     if unsafe { libc::fcntl(fd, libc::F_SETFL, new) } < 0 {
         return Err(std::io::Error::last_os_error());
@@ -124,8 +128,13 @@ impl Write for ConsoleWriter {
                 }
                 std::io::ErrorKind::WouldBlock => {
                     self.dropped += buf.len() as u64;
-                    if self.dropped == buf.len() as u64 || self.dropped % (64 << 10) < buf.len() as u64 {
-                        log::warn!("host console is not reading; {} bytes of guest output dropped", self.dropped);
+                    if self.dropped == buf.len() as u64
+                        || self.dropped % (64 << 10) < buf.len() as u64
+                    {
+                        log::warn!(
+                            "host console is not reading; {} bytes of guest output dropped",
+                            self.dropped
+                        );
                     }
                     return Ok(buf.len());
                 }

@@ -3,9 +3,15 @@
 
 use std::sync::Arc;
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, MmapRegion};
+use vm_memory::{
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+    MmapRegion,
+};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::{cpuid, layout, msr, regs};
@@ -14,7 +20,9 @@ use crate::arch::x86_64::{cpuid, layout, msr, regs};
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
     /// `/dev/kvm` could not be opened.
-    #[error("cannot open /dev/kvm: {0} (is the kvm module loaded and do you have access to /dev/kvm?)")]
+    #[error(
+        "cannot open /dev/kvm: {0} (is the kvm module loaded and do you have access to /dev/kvm?)"
+    )]
     OpenKvm(#[source] kvm_ioctls::Error),
     /// The KVM API version is not 12.
     #[error("unsupported KVM API version {0} (need 12)")]
@@ -83,7 +91,9 @@ pub struct Vm {
 impl Vm {
     /// Creates a VM with an in-kernel irqchip and PIT and `ram` as boot memory regions.
     pub fn new(kvm: &Kvm, ram: &[(GuestAddress, usize)]) -> Result<Vm, VmError> {
-        let fd = kvm.create_vm().map_err(|e| VmError::Ioctl("KVM_CREATE_VM", e))?;
+        let fd = kvm
+            .create_vm()
+            .map_err(|e| VmError::Ioctl("KVM_CREATE_VM", e))?;
         fd.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
             .map_err(|e| VmError::Ioctl("KVM_SET_TSS_ADDR", e))?;
         fd.create_irq_chip()
@@ -92,7 +102,8 @@ impl Vm {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
         };
-        fd.create_pit2(pit).map_err(|e| VmError::Ioctl("KVM_CREATE_PIT2", e))?;
+        fd.create_pit2(pit)
+            .map_err(|e| VmError::Ioctl("KVM_CREATE_PIT2", e))?;
         let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| VmError::Ioctl("KVM_GET_SUPPORTED_CPUID", e))?;
@@ -130,7 +141,8 @@ impl Vm {
         let slot = self.free_slot()?;
         let len = usize::try_from(size).map_err(|_| err("size overflows usize".into()))?;
         let mapping = MmapRegion::new(len).map_err(|e| err(e.to_string()))?;
-        let region = GuestRegionMmap::new(mapping, addr).ok_or_else(|| err("address overflow".into()))?;
+        let region =
+            GuestRegionMmap::new(mapping, addr).ok_or_else(|| err("address overflow".into()))?;
         let host = region.as_ptr() as u64;
         let memory = self
             .memory

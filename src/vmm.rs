@@ -156,7 +156,11 @@ impl Write for SharedWriter {
 /// The kernel command line actually passed to the guest.
 pub fn effective_cmdline(config: &VmConfig) -> String {
     let mut cmdline = config.cmdline.clone();
-    if config.memory.hotplug_size > 0 && !cmdline.split_whitespace().any(|w| w.starts_with("memhp_default_state=")) {
+    if config.memory.hotplug_size > 0
+        && !cmdline
+            .split_whitespace()
+            .any(|w| w.starts_with("memhp_default_state="))
+    {
         if !cmdline.is_empty() {
             cmdline.push(' ');
         }
@@ -282,10 +286,26 @@ impl Vmm {
         };
         let mut pio = Bus::new();
         let serial_dev: Arc<Mutex<dyn BusDevice>> = devices.serial.clone();
-        pio.insert(u64::from(layout::ports::COM1), u64::from(layout::ports::COM1_SIZE), serial_dev)?;
-        pio.insert(u64::from(layout::ports::RTC_INDEX), 2, Arc::new(Mutex::new(Rtc::with_system_clock())))?;
-        pio.insert(u64::from(layout::ports::I8042_DATA), 5, Arc::new(Mutex::new(I8042::new())))?;
-        pio.insert(u64::from(layout::ports::ACPI_SLEEP_CONTROL), 3, Arc::new(Mutex::new(AcpiPm::new())))?;
+        pio.insert(
+            u64::from(layout::ports::COM1),
+            u64::from(layout::ports::COM1_SIZE),
+            serial_dev,
+        )?;
+        pio.insert(
+            u64::from(layout::ports::RTC_INDEX),
+            2,
+            Arc::new(Mutex::new(Rtc::with_system_clock())),
+        )?;
+        pio.insert(
+            u64::from(layout::ports::I8042_DATA),
+            5,
+            Arc::new(Mutex::new(I8042::new())),
+        )?;
+        pio.insert(
+            u64::from(layout::ports::ACPI_SLEEP_CONTROL),
+            3,
+            Arc::new(Mutex::new(AcpiPm::new())),
+        )?;
         let mut mmio = Bus::new();
         let ged_dev: Arc<Mutex<dyn BusDevice>> = devices.ged.clone();
         let cpu_dev: Arc<Mutex<dyn BusDevice>> = devices.cpu_hp.clone();
@@ -433,7 +453,12 @@ impl Vmm {
         }
     }
 
-    fn plan_resize(&self, m: &Machine, cpus: Option<u32>, mem: Option<u64>) -> Result<Plan, String> {
+    fn plan_resize(
+        &self,
+        m: &Machine,
+        cpus: Option<u32>,
+        mem: Option<u64>,
+    ) -> Result<Plan, String> {
         let max_cpus = self.config.cpus.max;
         let (present, removing) = {
             let hp = lock(&m.devices.cpu_hp);
@@ -445,10 +470,15 @@ impl Vmm {
                 return Err("cpus=0 is invalid: a VM needs at least one vCPU".into());
             }
             if n > max_cpus {
-                return Err(format!("cpus={n} exceeds max_cpus={max_cpus} (set at start with --cpus max=)"));
+                return Err(format!(
+                    "cpus={n} exceeds max_cpus={max_cpus} (set at start with --cpus max=)"
+                ));
             }
             if !removing.is_empty() && n != self.target_cpus {
-                let since = self.removal_since.map(|t| t.elapsed().as_secs()).unwrap_or(0);
+                let since = self
+                    .removal_since
+                    .map(|t| t.elapsed().as_secs())
+                    .unwrap_or(0);
                 return Err(format!(
                     "removal of vCPU {} still pending for {since}s: the guest has not ejected it yet; retry when info shows removing=none",
                     join_ids(&removing)
@@ -475,7 +505,7 @@ impl Vmm {
             if want > current {
                 let delta = want - current;
                 let step = layout::MEMORY_HOTPLUG_ALIGN;
-                if delta % step != 0 {
+                if !delta.is_multiple_of(step) {
                     return Err(format!(
                         "mem={}: growth by {} from {} is not a multiple of {}",
                         format_size(want),
@@ -508,7 +538,7 @@ impl Vmm {
                         format_size(MIN_MEMORY)
                     ));
                 }
-                if want % (1 << 20) != 0 {
+                if !want.is_multiple_of(1 << 20) {
                     return Err(format!("mem={} is not a multiple of 1M", format_size(want)));
                 }
             }
@@ -557,7 +587,11 @@ fn log_ost(ost: DeviceEvent) {
                 log::warn!("guest _OST: cpu {cpu} event {event:#x} failed with status {status:#x}");
             }
         }
-        DeviceEvent::MemOst { slot, event, status } => {
+        DeviceEvent::MemOst {
+            slot,
+            event,
+            status,
+        } => {
             if status == 0 {
                 log::info!("guest _OST: memory slot {slot} event {event:#x} succeeded");
             } else {
@@ -614,7 +648,8 @@ impl ControlTarget for Vmm {
 
         // VMM-side work first; undone if any part fails, since nothing has been announced yet.
         if let Some((_, start, size)) = plan.add_mem {
-            m.vm.add_memory(GuestAddress(start), size).map_err(|e| e.to_string())?;
+            m.vm.add_memory(GuestAddress(start), size)
+                .map_err(|e| e.to_string())?;
         }
         let mut started: Vec<u32> = Vec::new();
         let mut failure = None;

@@ -1,0 +1,747 @@
+//! DSDT: `\_S5_`, legacy devices, the GED and the CPU and memory hotplug controllers.
+//!
+//! Object names follow Cloud Hypervisor/QEMU (`GED_`, `GEC_`, `PRES`, `CPUS`, `Cnnn`, `MHPC`,
+//! `Mnnn`) so guest logs compare one-to-one. The register layouts are the ones the VMM-side
+//! devices emulate at [`layout::GED_START`], [`layout::CPU_HOTPLUG_START`] and
+//! [`layout::MEM_HOTPLUG_START`].
+
+use acpi_tables::aml::{
+    self, AddressSpace, AddressSpaceCacheable, FieldAccessType, FieldEntry, FieldLockRule,
+    FieldUpdateRule, OpRegionSpace, Path,
+};
+use acpi_tables::sdt::Sdt;
+use acpi_tables::Aml;
+
+use super::{aml_bytes, madt, RawAml, OEM_ID, OEM_REVISION};
+use crate::arch::x86_64::layout;
+
+/// DSDT revision: 2 or more makes AML integers 64 bits wide (needed by `MCRS`).
+pub(super) const DSDT_REVISION: u8 = 2;
+/// Size of an SDT header.
+const SDT_HEADER_LEN: u32 = 36;
+/// Timeout meaning "wait forever" for `Acquire`.
+const WAIT_FOREVER: u16 = 0xffff;
+
+/// GED event bit: CPU devices changed.
+pub(super) const GED_CPU_BIT: u8 = 1 << 0;
+/// GED event bit: memory devices changed.
+pub(super) const GED_MEMORY_BIT: u8 = 1 << 1;
+/// GED event bit: power button pressed.
+pub(super) const GED_POWER_BUTTON_BIT: u8 = 1 << 3;
+
+/// ACPI notify values.
+const NOTIFY_DEVICE_CHECK: u8 = 1;
+const NOTIFY_EJECT_REQUEST: u8 = 3;
+const NOTIFY_POWER_BUTTON: u8 = 0x80;
+
+/// `_STA` value of a present, enabled, shown and functioning device.
+const STA_PRESENT: u8 = 0xf;
+
+// CPU hotplug controller objects.
+const CPLK: &str = "\\_SB_.PRES.CPLK";
+const CSEL: &str = "\\_SB_.PRES.CSEL";
+const CPEN: &str = "\\_SB_.PRES.CPEN";
+const CINS: &str = "\\_SB_.PRES.CINS";
+const CRMV: &str = "\\_SB_.PRES.CRMV";
+const CEJ0: &str = "\\_SB_.PRES.CEJ0";
+const CCMD: &str = "\\_SB_.PRES.CCMD";
+const CDAT: &str = "\\_SB_.PRES.CDAT";
+/// CCMD values selecting what the next CDAT write carries.
+const CCMD_OST_EVENT: u8 = 1;
+const CCMD_OST_STATUS: u8 = 2;
+
+// Memory hotplug controller objects.
+const MLCK: &str = "\\_SB_.MHPC.MLCK";
+const MSEL: &str = "\\_SB_.MHPC.MSEL";
+const MEN: &str = "\\_SB_.MHPC.MEN_";
+const MINS: &str = "\\_SB_.MHPC.MINS";
+const MRMV: &str = "\\_SB_.MHPC.MRMV";
+const MHBL: &str = "\\_SB_.MHPC.MHBL";
+const MHBH: &str = "\\_SB_.MHPC.MHBH";
+const MHLL: &str = "\\_SB_.MHPC.MHLL";
+const MHLH: &str = "\\_SB_.MHPC.MHLH";
+const MOEV: &str = "\\_SB_.MHPC.MOEV";
+const MOSC: &str = "\\_SB_.MHPC.MOSC";
+
+/// Byte offsets of min, max and length inside a QWord address space descriptor.
+const QWORD_MIN_OFFSET: u8 = 14;
+const QWORD_MAX_OFFSET: u8 = 22;
+const QWORD_LEN_OFFSET: u8 = 38;
+
+/// Name of the ACPI device of CPU `cpu`: `C` + 3 hex digits.
+pub(super) fn cpu_device_name(cpu: u8) -> String {
+    format!("C{cpu:03X}")
+}
+
+/// Name of the ACPI device of memory slot `slot`: `M` + 3 decimal digits.
+pub(super) fn memory_device_name(slot: usize) -> String {
+    format!("M{slot:03}")
+}
+
+/// `Name(name, value)`.
+fn name(name: &str, value: &dyn Aml) -> aml::Name {
+    aml::Name::new(name.into(), value)
+}
+
+/// A `_CRS` with one QWord memory range covering `[start, start + len - 1]`.
+fn memory_crs(start: u64, len: u64) -> aml::Name {
+    name(
+        "_CRS",
+        &aml::ResourceTemplate::new(vec![&AddressSpace::<u64>::new_memory(
+            AddressSpaceCacheable::NotCacheable,
+            true,
+            start,
+            start + len - 1,
+            None,
+        )]),
+    )
+}
+
+/// `If (LEqual (field, One)) { body }`.
+fn if_field_set(field: &str, body: Vec<&dyn Aml>) -> RawAml {
+    RawAml(aml_bytes(&aml::If::new(
+        &aml::Equal::new(&Path::new(field), &aml::ONE),
+        body,
+    )))
+}
+
+/// `If (LEqual (And (Local0, bit), bit)) { body }`.
+fn if_local0_bit(bit: u8, body: Vec<&dyn Aml>) -> RawAml {
+    RawAml(aml_bytes(&aml::If::new(
+        &aml::Equal::new(&aml::And::new(&aml::ZERO, &aml::Local(0), &bit), &bit),
+        body,
+    )))
+}
+
+/// A method `notifier(Arg0 = index, Arg1 = event)` with one `Notify` per device.
+fn notify_method(method: &str, devices: impl Iterator<Item = (u64, String)>) -> RawAml {
+    let mut body = Vec::new();
+    for (index, device) in devices {
+        aml::If::new(
+            &aml::Equal::new(&aml::Arg(0), &index),
+            vec![&aml::Notify::new(&Path::new(&device), &aml::Arg(1))],
+        )
+        .to_aml_bytes(&mut body);
+    }
+    RawAml(aml_bytes(&aml::Method::new(
+        method.into(),
+        2,
+        true,
+        vec![&RawAml(body)],
+    )))
+}
+
+/// A scan method: under `lock`, for each index below `count` select it; on insert notify
+/// Device Check and ack, on remove notify Eject Request and ack.
+fn scan_method(
+    method: &str,
+    count: u64,
+    lock: &str,
+    select: &str,
+    (inserting, removing): (&str, &str),
+    notifier: &str,
+) -> RawAml {
+    let select_local0 = RawAml(aml_bytes(&aml::Store::new(
+        &Path::new(select),
+        &aml::Local(0),
+    )));
+    let on_insert = if_field_set(
+        inserting,
+        vec![
+            &aml::MethodCall::new(notifier.into(), vec![&aml::Local(0), &NOTIFY_DEVICE_CHECK]),
+            &aml::Store::new(&Path::new(inserting), &aml::ONE),
+        ],
+    );
+    let on_remove = if_field_set(
+        removing,
+        vec![
+            &aml::MethodCall::new(notifier.into(), vec![&aml::Local(0), &NOTIFY_EJECT_REQUEST]),
+            &aml::Store::new(&Path::new(removing), &aml::ONE),
+        ],
+    );
+    let next = aml::Add::new(&aml::Local(0), &aml::Local(0), &aml::ONE);
+    RawAml(aml_bytes(&aml::Method::new(
+        method.into(),
+        0,
+        true,
+        vec![
+            &aml::Acquire::new(lock.into(), WAIT_FOREVER),
+            &aml::Store::new(&aml::Local(0), &aml::ZERO),
+            &aml::While::new(
+                &aml::LessThan::new(&aml::Local(0), &count),
+                vec![&select_local0, &on_insert, &on_remove, &next],
+            ),
+            &aml::Release::new(lock.into()),
+        ],
+    )))
+}
+
+/// A status method `(Arg0 = index)`: under `lock`, select it and return 0xF if `enabled`.
+fn status_method(method: &str, lock: &str, select: &str, enabled: &str) -> RawAml {
+    RawAml(aml_bytes(&aml::Method::new(
+        method.into(),
+        1,
+        true,
+        vec![
+            &aml::Acquire::new(lock.into(), WAIT_FOREVER),
+            &aml::Store::new(&Path::new(select), &aml::Arg(0)),
+            &aml::Store::new(&aml::Local(0), &aml::ZERO),
+            &if_field_set(
+                enabled,
+                vec![&aml::Store::new(&aml::Local(0), &STA_PRESENT)],
+            ),
+            &aml::Release::new(lock.into()),
+            &aml::Return::new(&aml::Local(0)),
+        ],
+    )))
+}
+
+/// `Method(name, 0) { Return (target(index)) }`.
+fn forward0(method: &str, target: &str, index: &dyn Aml) -> RawAml {
+    RawAml(aml_bytes(&aml::Method::new(
+        method.into(),
+        0,
+        false,
+        vec![&aml::Return::new(&aml::MethodCall::new(
+            target.into(),
+            vec![index],
+        ))],
+    )))
+}
+
+/// `Method(_OST, 3) { target(index, Arg0, Arg1) }`.
+fn ost_method(target: &str, index: &dyn Aml) -> RawAml {
+    RawAml(aml_bytes(&aml::Method::new(
+        "_OST".into(),
+        3,
+        false,
+        vec![&aml::MethodCall::new(
+            target.into(),
+            vec![index, &aml::Arg(0), &aml::Arg(1)],
+        )],
+    )))
+}
+
+/// `\_S5_`: SLP_TYP for soft-off.
+fn s5() -> Vec<u8> {
+    aml_bytes(&name(
+        "\\_S5_",
+        &aml::Package::new(vec![
+            &layout::S5_SLEEP_TYPE,
+            &aml::ZERO,
+            &aml::ZERO,
+            &aml::ZERO,
+        ]),
+    ))
+}
+
+/// COM1 (16550 at 0x3f8, IRQ 4 edge/active-high).
+fn com1() -> Vec<u8> {
+    const COM1_LEN: u8 = layout::ports::COM1_SIZE as u8;
+    const _: () = assert!(layout::ports::COM1_SIZE <= u8::MAX as u16);
+    aml_bytes(&aml::Device::new(
+        "COM1".into(),
+        vec![
+            &name("_HID", &aml::EISAName::new("PNP0501")),
+            &name("_UID", &aml::ZERO),
+            &name("_STA", &STA_PRESENT),
+            &name(
+                "_CRS",
+                &aml::ResourceTemplate::new(vec![
+                    &aml::IO::new(layout::ports::COM1, layout::ports::COM1, 1, COM1_LEN),
+                    &aml::Interrupt::new(true, true, false, false, layout::irq::COM1),
+                ]),
+            ),
+        ],
+    ))
+}
+
+/// CMOS RTC (index/data at 0x70/0x71, IRQ 8), so Linux's rtc_cmos binds through PNP.
+fn rtc() -> Vec<u8> {
+    const RTC_LEN: u8 = (layout::ports::RTC_DATA - layout::ports::RTC_INDEX + 1) as u8;
+    aml_bytes(&aml::Device::new(
+        "RTC_".into(),
+        vec![
+            &name("_HID", &aml::EISAName::new("PNP0B00")),
+            &name(
+                "_CRS",
+                &aml::ResourceTemplate::new(vec![
+                    &aml::IO::new(
+                        layout::ports::RTC_INDEX,
+                        layout::ports::RTC_INDEX,
+                        1,
+                        RTC_LEN,
+                    ),
+                    &aml::Interrupt::new(true, true, false, false, layout::irq::RTC),
+                ]),
+            ),
+        ],
+    ))
+}
+
+/// Power button, notified through GED bit 3.
+fn power_button() -> Vec<u8> {
+    aml_bytes(&aml::Device::new(
+        "PWRB".into(),
+        vec![
+            &name("_HID", &aml::EISAName::new("PNP0C0C")),
+            &name("_UID", &aml::ZERO),
+        ],
+    ))
+}
+
+/// The Generic Event Device and its event controller `GEC_`.
+fn ged() -> Vec<u8> {
+    let mut bytes = aml_bytes(&aml::Device::new(
+        "GED_".into(),
+        vec![
+            &name("_HID", &"ACPI0013"),
+            &name("_UID", &aml::ZERO),
+            &name(
+                "_CRS",
+                &aml::ResourceTemplate::new(vec![&aml::Interrupt::new(
+                    true,
+                    true,
+                    false,
+                    false,
+                    layout::irq::GED,
+                )]),
+            ),
+            &aml::Method::new(
+                "_EVT".into(),
+                1,
+                true,
+                vec![&aml::MethodCall::new("\\_SB_.GEC_.ESCN".into(), vec![])],
+            ),
+        ],
+    ));
+
+    let cpu_scan = aml::MethodCall::new("\\_SB_.CPUS.CSCN".into(), vec![]);
+    let memory_scan = aml::MethodCall::new("\\_SB_.MHPC.MSCN".into(), vec![]);
+    let power_notify = RawAml(aml_bytes(&aml::Notify::new(
+        &Path::new("\\_SB_.PWRB"),
+        &NOTIFY_POWER_BUTTON,
+    )));
+    // Exactly one read of GDAT: the read clears the register.
+    let escn = RawAml(aml_bytes(&aml::Method::new(
+        "ESCN".into(),
+        0,
+        true,
+        vec![
+            &aml::Store::new(&aml::Local(0), &Path::new("GDAT")),
+            &if_local0_bit(GED_CPU_BIT, vec![&cpu_scan]),
+            &if_local0_bit(GED_MEMORY_BIT, vec![&memory_scan]),
+            &if_local0_bit(GED_POWER_BUTTON_BIT, vec![&power_notify]),
+        ],
+    )));
+    aml::Device::new(
+        "GEC_".into(),
+        vec![
+            &name("_HID", &aml::EISAName::new("PNP0A06")),
+            &name("_UID", &"Generic Event Controller"),
+            &memory_crs(layout::GED_START, layout::GED_SIZE),
+            &aml::OpRegion::new(
+                "GDST".into(),
+                OpRegionSpace::SystemMemory,
+                &layout::GED_START,
+                &layout::GED_SIZE,
+            ),
+            &aml::Field::new(
+                "GDST".into(),
+                FieldAccessType::Byte,
+                FieldLockRule::NoLock,
+                FieldUpdateRule::WriteAsZeroes,
+                vec![FieldEntry::Named(*b"GDAT", 8)],
+            ),
+            &escn,
+        ],
+    )
+    .to_aml_bytes(&mut bytes);
+    bytes
+}
+
+/// The CPU hotplug controller `PRES` (registers and lock).
+fn cpu_controller() -> Vec<u8> {
+    aml_bytes(&aml::Device::new(
+        "PRES".into(),
+        vec![
+            &name("_HID", &aml::EISAName::new("PNP0A06")),
+            &name("_UID", &"CPU Hotplug Controller"),
+            &aml::Mutex::new("CPLK".into(), 0),
+            &memory_crs(layout::CPU_HOTPLUG_START, layout::CPU_HOTPLUG_SIZE),
+            &aml::OpRegion::new(
+                "PRST".into(),
+                OpRegionSpace::SystemMemory,
+                &layout::CPU_HOTPLUG_START,
+                &layout::CPU_HOTPLUG_SIZE,
+            ),
+            // Flags byte at +4 and command byte at +5; unwritten flag bits read as zero.
+            &aml::Field::new(
+                "PRST".into(),
+                FieldAccessType::Byte,
+                FieldLockRule::NoLock,
+                FieldUpdateRule::WriteAsZeroes,
+                vec![
+                    FieldEntry::Reserved(32),
+                    FieldEntry::Named(*b"CPEN", 1),
+                    FieldEntry::Named(*b"CINS", 1),
+                    FieldEntry::Named(*b"CRMV", 1),
+                    FieldEntry::Named(*b"CEJ0", 1),
+                    FieldEntry::Reserved(4),
+                    FieldEntry::Named(*b"CCMD", 8),
+                ],
+            ),
+            // Selector at +0 and command data at +8.
+            &aml::Field::new(
+                "PRST".into(),
+                FieldAccessType::DWord,
+                FieldLockRule::NoLock,
+                FieldUpdateRule::Preserve,
+                vec![
+                    FieldEntry::Named(*b"CSEL", 32),
+                    FieldEntry::Reserved(32),
+                    FieldEntry::Named(*b"CDAT", 32),
+                ],
+            ),
+        ],
+    ))
+}
+
+/// The per-CPU device `Cnnn`.
+fn cpu_device(cpu: u8) -> Vec<u8> {
+    let index = u64::from(cpu);
+    let eject = RawAml(aml_bytes(&aml::Method::new(
+        "_EJ0".into(),
+        1,
+        false,
+        vec![&aml::MethodCall::new("CEJ0".into(), vec![&index])],
+    )));
+    let uid = name("_UID", &index);
+    let sta = forward0("_STA", "CSTA", &index);
+    let pxm = name("_PXM", &aml::ZERO);
+    let mat = name(
+        "_MAT",
+        &aml::BufferData::new(madt::local_apic_entry(cpu, true)),
+    );
+    let ost = ost_method("COST", &index);
+    let hid = name("_HID", &"ACPI0007");
+    let mut children: Vec<&dyn Aml> = vec![&hid, &uid, &sta, &pxm, &mat];
+    // The boot CPU cannot be ejected.
+    if cpu != 0 {
+        children.push(&eject);
+    }
+    children.push(&ost);
+    aml_bytes(&aml::Device::new(
+        Path::new(&cpu_device_name(cpu)),
+        children,
+    ))
+}
+
+/// The CPU container `CPUS` with its methods and one device per possible CPU.
+fn cpu_container(max_cpus: u8) -> Vec<u8> {
+    let csta = status_method("CSTA", CPLK, CSEL, CPEN);
+    let ctfy = notify_method(
+        "CTFY",
+        (0..max_cpus).map(|cpu| (u64::from(cpu), cpu_device_name(cpu))),
+    );
+    let cej0 = RawAml(aml_bytes(&aml::Method::new(
+        "CEJ0".into(),
+        1,
+        true,
+        vec![
+            &aml::Acquire::new(CPLK.into(), WAIT_FOREVER),
+            &aml::Store::new(&Path::new(CSEL), &aml::Arg(0)),
+            &aml::Store::new(&Path::new(CEJ0), &aml::ONE),
+            &aml::Release::new(CPLK.into()),
+        ],
+    )));
+    let cscn = scan_method(
+        "CSCN",
+        u64::from(max_cpus),
+        CPLK,
+        CSEL,
+        (CINS, CRMV),
+        "CTFY",
+    );
+    // _OST: the event and then the status go through CDAT; the device reports on the status.
+    let cost = RawAml(aml_bytes(&aml::Method::new(
+        "COST".into(),
+        3,
+        true,
+        vec![
+            &aml::Acquire::new(CPLK.into(), WAIT_FOREVER),
+            &aml::Store::new(&Path::new(CSEL), &aml::Arg(0)),
+            &aml::Store::new(&Path::new(CCMD), &CCMD_OST_EVENT),
+            &aml::Store::new(&Path::new(CDAT), &aml::Arg(1)),
+            &aml::Store::new(&Path::new(CCMD), &CCMD_OST_STATUS),
+            &aml::Store::new(&Path::new(CDAT), &aml::Arg(2)),
+            &aml::Release::new(CPLK.into()),
+        ],
+    )));
+    let devices = RawAml((0..max_cpus).flat_map(cpu_device).collect());
+    aml_bytes(&aml::Device::new(
+        "CPUS".into(),
+        vec![
+            &name("_HID", &"ACPI0010"),
+            &name("_CID", &aml::EISAName::new("PNP0A05")),
+            &csta,
+            &ctfy,
+            &cej0,
+            &cscn,
+            &cost,
+            &devices,
+        ],
+    ))
+}
+
+/// `MCRS(slot)`: a QWord memory descriptor patched from the selected slot's registers.
+fn memory_crs_method() -> RawAml {
+    let template = name(
+        "MR64",
+        &aml::ResourceTemplate::new(vec![&AddressSpace::<u64>::new_memory(
+            AddressSpaceCacheable::Cacheable,
+            true,
+            0,
+            0,
+            None,
+        )]),
+    );
+    let mr64 = Path::new("MR64");
+    let (min, max, len) = (Path::new("MINL"), Path::new("MAXL"), Path::new("LENL"));
+    RawAml(aml_bytes(&aml::Method::new(
+        "MCRS".into(),
+        1,
+        true,
+        vec![
+            &aml::Acquire::new(MLCK.into(), WAIT_FOREVER),
+            &aml::Store::new(&Path::new(MSEL), &aml::Arg(0)),
+            &template,
+            &aml::CreateQWordField::new(&min, &mr64, &QWORD_MIN_OFFSET),
+            &aml::CreateQWordField::new(&max, &mr64, &QWORD_MAX_OFFSET),
+            &aml::CreateQWordField::new(&len, &mr64, &QWORD_LEN_OFFSET),
+            // Local0 = base, Local1 = length, both assembled from two DWords.
+            &aml::ShiftLeft::new(&aml::Local(0), &Path::new(MHBH), &32u8),
+            &aml::Or::new(&aml::Local(0), &aml::Local(0), &Path::new(MHBL)),
+            &aml::ShiftLeft::new(&aml::Local(1), &Path::new(MHLH), &32u8),
+            &aml::Or::new(&aml::Local(1), &aml::Local(1), &Path::new(MHLL)),
+            &aml::Store::new(&min, &aml::Local(0)),
+            &aml::Store::new(&len, &aml::Local(1)),
+            &aml::Add::new(&aml::Local(2), &aml::Local(0), &aml::Local(1)),
+            &aml::Subtract::new(&max, &aml::Local(2), &aml::ONE),
+            &aml::Release::new(MLCK.into()),
+            &aml::Return::new(&mr64),
+        ],
+    )))
+}
+
+/// The memory device `Mnnn` of `slot`.
+fn memory_device(slot: usize) -> Vec<u8> {
+    let index = slot as u64;
+    aml_bytes(&aml::Device::new(
+        Path::new(&memory_device_name(slot)),
+        vec![
+            &name("_HID", &aml::EISAName::new("PNP0C80")),
+            &name("_UID", &index),
+            &forward0("_STA", "MSTA", &index),
+            &forward0("_CRS", "MCRS", &index),
+            &ost_method("MOST", &index),
+        ],
+    ))
+}
+
+/// The memory hotplug controller `MHPC` with `slots` PNP0C80 devices, or only an empty `MSCN`
+/// (so `ESCN` resolves) when there are none.
+fn memory_controller(slots: usize) -> Vec<u8> {
+    let hid = name("_HID", &aml::EISAName::new("PNP0A06"));
+    let uid = name("_UID", &"Memory Hotplug Controller");
+    if slots == 0 {
+        return aml_bytes(&aml::Device::new(
+            "MHPC".into(),
+            vec![
+                &hid,
+                &uid,
+                &aml::Method::new("MSCN".into(), 0, true, vec![]),
+            ],
+        ));
+    }
+    let mtfy = notify_method(
+        "MTFY",
+        (0..slots).map(|slot| (slot as u64, memory_device_name(slot))),
+    );
+    let mscn = scan_method("MSCN", slots as u64, MLCK, MSEL, (MINS, MRMV), "MTFY");
+    let msta = status_method("MSTA", MLCK, MSEL, MEN);
+    let most = RawAml(aml_bytes(&aml::Method::new(
+        "MOST".into(),
+        3,
+        true,
+        vec![
+            &aml::Acquire::new(MLCK.into(), WAIT_FOREVER),
+            &aml::Store::new(&Path::new(MSEL), &aml::Arg(0)),
+            &aml::Store::new(&Path::new(MOEV), &aml::Arg(1)),
+            &aml::Store::new(&Path::new(MOSC), &aml::Arg(2)),
+            &aml::Release::new(MLCK.into()),
+        ],
+    )));
+    let devices = RawAml((0..slots).flat_map(memory_device).collect());
+    aml_bytes(&aml::Device::new(
+        "MHPC".into(),
+        vec![
+            &hid,
+            &uid,
+            &aml::Mutex::new("MLCK".into(), 0),
+            &memory_crs(layout::MEM_HOTPLUG_START, layout::MEM_HOTPLUG_SIZE),
+            &aml::OpRegion::new(
+                "MHPR".into(),
+                OpRegionSpace::SystemMemory,
+                &layout::MEM_HOTPLUG_START,
+                &layout::MEM_HOTPLUG_SIZE,
+            ),
+            // Read side: base and length of the selected slot, proximity.
+            &aml::Field::new(
+                "MHPR".into(),
+                FieldAccessType::DWord,
+                FieldLockRule::NoLock,
+                FieldUpdateRule::Preserve,
+                vec![
+                    FieldEntry::Named(*b"MHBL", 32),
+                    FieldEntry::Named(*b"MHBH", 32),
+                    FieldEntry::Named(*b"MHLL", 32),
+                    FieldEntry::Named(*b"MHLH", 32),
+                    FieldEntry::Named(*b"MHPX", 32),
+                ],
+            ),
+            // Status/ack byte at +0x14.
+            &aml::Field::new(
+                "MHPR".into(),
+                FieldAccessType::Byte,
+                FieldLockRule::NoLock,
+                FieldUpdateRule::WriteAsZeroes,
+                vec![
+                    FieldEntry::Reserved(160),
+                    FieldEntry::Named(*b"MEN_", 1),
+                    FieldEntry::Named(*b"MINS", 1),
+                    FieldEntry::Named(*b"MRMV", 1),
+                    FieldEntry::Named(*b"MEJ0", 1),
+                ],
+            ),
+            // Write side: selector and _OST event/status.
+            &aml::Field::new(
+                "MHPR".into(),
+                FieldAccessType::DWord,
+                FieldLockRule::NoLock,
+                FieldUpdateRule::Preserve,
+                vec![
+                    FieldEntry::Named(*b"MSEL", 32),
+                    FieldEntry::Named(*b"MOEV", 32),
+                    FieldEntry::Named(*b"MOSC", 32),
+                ],
+            ),
+            &mtfy,
+            &mscn,
+            &msta,
+            &memory_crs_method(),
+            &most,
+            &devices,
+        ],
+    ))
+}
+
+/// Builds the complete DSDT for `max_cpus` possible CPUs and `memory_slots` memory slots.
+pub(super) fn build(max_cpus: u8, memory_slots: usize) -> Vec<u8> {
+    let mut sb = Vec::new();
+    sb.extend(com1());
+    sb.extend(rtc());
+    sb.extend(power_button());
+    sb.extend(ged());
+    sb.extend(cpu_controller());
+    sb.extend(cpu_container(max_cpus));
+    sb.extend(memory_controller(memory_slots));
+
+    let mut dsdt = Sdt::new(
+        *b"DSDT",
+        SDT_HEADER_LEN,
+        DSDT_REVISION,
+        OEM_ID,
+        *b"MVMDSDT ",
+        OEM_REVISION,
+    );
+    dsdt.append_slice(&s5());
+    dsdt.append_slice(&aml::Scope::raw(Path::new("\\_SB_"), sb));
+    dsdt.as_slice().to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+        haystack.windows(needle.len()).any(|w| w == needle)
+    }
+
+    #[test]
+    fn device_names() {
+        assert_eq!(cpu_device_name(0), "C000");
+        assert_eq!(cpu_device_name(10), "C00A");
+        assert_eq!(cpu_device_name(253), "C0FD");
+        assert_eq!(memory_device_name(7), "M007");
+        assert_eq!(memory_device_name(63), "M063");
+    }
+
+    #[test]
+    fn header_revision_and_checksum() {
+        let dsdt = build(4, 2);
+        assert_eq!(&dsdt[0..4], b"DSDT");
+        assert_eq!(dsdt[8], DSDT_REVISION);
+        assert_eq!(
+            u32::from_le_bytes(dsdt[4..8].try_into().unwrap()) as usize,
+            dsdt.len()
+        );
+        assert_eq!(dsdt.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
+    }
+
+    #[test]
+    fn mat_buffers_have_enabled_bit() {
+        let dsdt = build(6, 0);
+        for cpu in 0..6u8 {
+            // Name(_MAT, Buffer(8) { type 0, len 8, uid, apic id, flags = Enabled })
+            let mut mat = b"_MAT".to_vec();
+            mat.extend_from_slice(&[0x11, 0x0b, 0x0a, 0x08, 0, 8, cpu, cpu, 1, 0, 0, 0]);
+            assert!(contains(&dsdt, &mat), "_MAT of CPU {cpu}");
+        }
+    }
+
+    #[test]
+    fn cpu_devices_and_eject() {
+        let dsdt = build(3, 0);
+        for cpu in 0..3u8 {
+            assert!(contains(&dsdt, cpu_device_name(cpu).as_bytes()));
+        }
+        assert!(!contains(&dsdt, b"C003"));
+        // C001 and C002 have _EJ0, C000 does not.
+        assert_eq!(dsdt.windows(4).filter(|w| w == b"_EJ0").count(), 2);
+    }
+
+    #[test]
+    fn memory_slots() {
+        let none = build(1, 0);
+        assert!(contains(&none, b"MSCN"));
+        assert!(!contains(&none, b"M000"));
+        // No PNP0C80 (EISA id bytes 41 D0 0C 80) device without slots.
+        assert!(!contains(&none, &[0x41, 0xd0, 0x0c, 0x80]));
+        let some = build(1, 3);
+        for slot in 0..3 {
+            assert!(contains(&some, memory_device_name(slot).as_bytes()));
+        }
+        assert!(!contains(&some, b"M003"));
+    }
+
+    #[test]
+    fn s5_package() {
+        let dsdt = build(1, 0);
+        // Name(\_S5_, Package(4) { 5, 0, 0, 0 })
+        assert!(contains(
+            &dsdt,
+            &[0x08, b'\\', b'_', b'S', b'5', b'_', 0x12, 0x07, 0x04, 0x0a, 0x05, 0, 0, 0]
+        ));
+    }
+}
