@@ -49,7 +49,14 @@ fn pvh_elf(code: &[u8]) -> Vec<u8> {
         f.extend_from_slice(&size.to_le_bytes());
         f.extend_from_slice(&16u64.to_le_bytes());
     };
-    phdr(&mut f, 1, 7, code_off, u64::from(LOAD_ADDR), code.len() as u64); // PT_LOAD
+    phdr(
+        &mut f,
+        1,
+        7,
+        code_off,
+        u64::from(LOAD_ADDR),
+        code.len() as u64,
+    ); // PT_LOAD
     phdr(&mut f, 4, 4, note_off, 0, note.len() as u64); // PT_NOTE
     f.extend_from_slice(&note);
     f.resize(code_off as usize, 0);
@@ -121,7 +128,11 @@ fn run_guest(name: &str, code: &[u8], args: &[&str], input: &[u8]) -> Run {
     let mut child = Command::new(env!("CARGO_BIN_EXE_minivmm"))
         .arg("--kernel")
         .arg(&kernel)
-        .args(if args.contains(&"--memory") { &[][..] } else { &["--memory", "size=64M"][..] })
+        .args(if args.contains(&"--memory") {
+            &[][..]
+        } else {
+            &["--memory", "size=64M"][..]
+        })
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -170,7 +181,12 @@ fn run_guest(name: &str, code: &[u8], args: &[&str], input: &[u8]) -> Run {
 
 #[test]
 fn prints_and_powers_off_with_exit_code_0() {
-    let r = run_guest("hello", &print_then("GUEST-READY tiny\n", POWER_OFF), &[], b"");
+    let r = run_guest(
+        "hello",
+        &print_then("GUEST-READY tiny\n", POWER_OFF),
+        &[],
+        b"",
+    );
     assert_eq!(r.code, 0, "stderr: {}", r.stderr);
     assert_eq!(String::from_utf8_lossy(&r.stdout), "GUEST-READY tiny\n");
 }
@@ -181,7 +197,12 @@ fn two_boot_vcpus_and_hotplug_flags_start() {
     let r = run_guest(
         "smp",
         &print_then("smp\n", POWER_OFF),
-        &["--cpus", "boot=2,max=4", "--memory", "size=128M,hotplug_size=256M"],
+        &[
+            "--cpus",
+            "boot=2,max=4",
+            "--memory",
+            "size=128M,hotplug_size=256M",
+        ],
         b"",
     );
     assert_eq!(r.code, 0, "stderr: {}", r.stderr);
@@ -210,7 +231,13 @@ fn console_input_arrives_whole() {
     input.push(b'!');
     let r = run_guest("echo", &echo_until_bang(), &[], &input);
     assert_eq!(r.code, 0, "stderr: {}", r.stderr);
-    assert_eq!(r.stdout.len(), input.len(), "echoed {} of {} bytes", r.stdout.len(), input.len());
+    assert_eq!(
+        r.stdout.len(),
+        input.len(),
+        "echoed {} of {} bytes",
+        r.stdout.len(),
+        input.len()
+    );
     assert_eq!(r.stdout, input);
 }
 
@@ -225,7 +252,13 @@ fn control_socket_answers_while_the_guest_runs() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_minivmm"))
         .arg("--kernel")
         .arg(&kernel)
-        .args(["--cpus", "boot=1,max=2", "--memory", "size=64M,hotplug_size=128M", "--control"])
+        .args([
+            "--cpus",
+            "boot=1,max=2",
+            "--memory",
+            "size=64M,hotplug_size=128M",
+            "--control",
+        ])
         .arg(&sock)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
@@ -240,7 +273,9 @@ fn control_socket_answers_while_the_guest_runs() {
             Err(e) => panic!("cannot connect to the control socket: {e}"),
         }
     };
-    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
     let mut ask = |line: &str| -> String {
         stream.write_all(line.as_bytes()).expect("send");
         let mut reply = Vec::new();
@@ -253,7 +288,10 @@ fn control_socket_answers_while_the_guest_runs() {
     assert_eq!(ask("ping\n"), "ok pong");
     let info = ask("info\n");
     assert!(info.starts_with("ok state=running cpus=1 "), "{info}");
-    assert!(info.contains(" mem=64M ") && info.contains(" max_mem=192M"), "{info}");
+    assert!(
+        info.contains(" mem=64M ") && info.contains(" max_mem=192M"),
+        "{info}"
+    );
     assert!(ask("resize cpus=3\n").starts_with("error "));
     assert!(ask("resize mem=100M\n").starts_with("error "));
     let grown = ask("resize mem=192M\n");
