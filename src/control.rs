@@ -328,6 +328,8 @@ pub struct VmInfo {
     pub hotplug_slots_free: u32,
     /// vCPUs waiting for the guest's eject.
     pub removing: Vec<u32>,
+    /// The guest's last hotplug status report (`_OST`), e.g. `cpu2:eject:busy`.
+    pub last_ost: Option<String>,
 }
 
 /// The VM as seen by the control pipe; the VMM implements it.
@@ -373,6 +375,10 @@ fn info_reply(info: &VmInfo) -> String {
         ("max_mem", format_size(info.max_mem)),
         ("hotplug_slots_free", info.hotplug_slots_free.to_string()),
         ("removing", removing),
+        (
+            "last_ost",
+            info.last_ost.clone().unwrap_or_else(|| "none".into()),
+        ),
     ])
 }
 
@@ -705,6 +711,7 @@ mod tests {
                     max_mem: 4 << 30,
                     hotplug_slots_free: 28,
                     removing: vec![],
+                    last_ost: None,
                 },
                 fail: None,
                 calls: vec![],
@@ -758,7 +765,7 @@ mod tests {
         assert_eq!(
             handle_line(b"info\n", &mut vm),
             "ok state=running cpus=2 pending_cpus=2 max_cpus=8 mem=512M pending_mem=512M \
-             max_mem=4G hotplug_slots_free=28 removing=none\n"
+             max_mem=4G hotplug_slots_free=28 removing=none last_ost=none\n"
         );
         assert_eq!(
             handle_line(b"resize mem=1536M cpus=4\r", &mut vm),
@@ -771,7 +778,7 @@ mod tests {
         assert_eq!(
             handle_line(b"info", &mut vm),
             "ok state=running cpus=4 pending_cpus=1 max_cpus=8 mem=1536M pending_mem=1536M \
-             max_mem=4G hotplug_slots_free=28 removing=1,2,3\n"
+             max_mem=4G hotplug_slots_free=28 removing=1,2,3 last_ost=none\n"
         );
         assert_eq!(handle_line(b"reboot", &mut vm), "ok rebooting\n");
         assert_eq!(handle_line(b"shutdown", &mut vm), "ok shutting down\n");

@@ -231,12 +231,14 @@ fn handle_exit(id: u32, exit: VcpuExit<'_>, ctx: &VcpuContext) -> Next {
         VcpuExit::Shutdown => return Next::Stop(fatal(id, "triple fault (KVM_EXIT_SHUTDOWN)")),
         VcpuExit::Hlt => return Next::Stop(fatal(id, "unexpected HLT exit (KVM_EXIT_HLT)")),
         VcpuExit::InternalError => return Next::Stop(fatal(id, "KVM_EXIT_INTERNAL_ERROR")),
-        VcpuExit::FailEntry(reason, cpu) => return Next::Stop(fatal(
-            id,
-            format!(
+        VcpuExit::FailEntry(reason, cpu) => {
+            return Next::Stop(fatal(
+                id,
+                format!(
                 "KVM_EXIT_FAIL_ENTRY: hardware entry failure reason {reason:#x} on host cpu {cpu}"
             ),
-        )),
+            ))
+        }
         other => return Next::Stop(fatal(id, format!("unexpected exit {other:?}"))),
     };
     match device_event {

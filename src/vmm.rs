@@ -122,6 +122,7 @@ pub struct Vmm {
     machine: Option<Machine>,
     boots: u32,
     requested: Option<Request>,
+    last_ost: Option<String>,
 }
 
 /// A lifecycle change asked for on the control pipe, carried out after the reply is sent.
@@ -223,6 +224,7 @@ impl Vmm {
             machine: None,
             boots: 0,
             requested: None,
+            last_ost: None,
             config,
         })
     }
@@ -398,7 +400,7 @@ impl Vmm {
         while let Ok(event) = self.events_rx.try_recv() {
             match event {
                 VcpuEvent::Ejected(cpu) => self.reap_vcpu(cpu),
-                VcpuEvent::Ost(ost) => log_ost(ost),
+                VcpuEvent::Ost(ost) => self.on_ost(ost),
                 other => {
                     // Drain the rest so they do not leak into the next boot.
                     while self.events_rx.try_recv().is_ok() {}
@@ -407,6 +409,42 @@ impl Vmm {
             }
         }
         None
+    }
+
+    /// Records a guest `_OST` report; a refused eject withdraws the removal, so the CPU stays
+    /// and later CPU resizes are not blocked by a removal that will never complete.
+    fn on_ost(&mut self, ost: DeviceEvent) {
+        let (what, event, status) = match ost {
+            DeviceEvent::CpuOst { cpu, event, status } => (format!("cpu{cpu}"), event, status),
+            DeviceEvent::MemOst {
+                slot,
+                event,
+                status,
+            } => (format!("mem{slot}"), event, status),
+            _ => return,
+        };
+        let text = format!("{what}:{}", describe_ost(event, status));
+        if !ost_failed(event, status) {
+            log::info!("guest _OST {text}");
+            if status == 0 {
+                self.last_ost = Some(text);
+            }
+            return;
+        }
+        log::warn!("guest _OST {text}: the guest refused the request");
+        if let (DeviceEvent::CpuOst { cpu, .. }, OST_EVENT_EJECT | 0x103) = (ost, event) {
+            if let Some(m) = &self.machine {
+                let mut hp = lock(&m.devices.cpu_hp);
+                if hp.cancel_removal(cpu) {
+                    self.target_cpus = hp.enabled_count() - hp.pending_removals().len() as u32;
+                    log::warn!("removal of vCPU {cpu} withdrawn; it stays present");
+                    if hp.pending_removals().is_empty() {
+                        self.removal_since = None;
+                    }
+                }
+            }
+        }
+        self.last_ost = Some(text);
     }
 
     /// Stops the thread of an ejected vCPU and keeps its fd for reuse.
@@ -560,6 +598,7 @@ impl Vmm {
             max_mem: self.max_mem(),
             hotplug_slots_free: (mem_hp.slots() - mem_hp.used_slots()) as u32,
             removing: hp.pending_removals(),
+            last_ost: self.last_ost.clone(),
         }
     }
 }
@@ -578,28 +617,48 @@ fn join_ids(ids: &[u32]) -> String {
     ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
 }
 
-fn log_ost(ost: DeviceEvent) {
-    match ost {
-        DeviceEvent::CpuOst { cpu, event, status } => {
-            if status == 0 {
-                log::info!("guest _OST: cpu {cpu} event {event:#x} succeeded");
-            } else {
-                log::warn!("guest _OST: cpu {cpu} event {event:#x} failed with status {status:#x}");
-            }
-        }
-        DeviceEvent::MemOst {
-            slot,
-            event,
-            status,
-        } => {
-            if status == 0 {
-                log::info!("guest _OST: memory slot {slot} event {event:#x} succeeded");
-            } else {
-                log::warn!("guest _OST: memory slot {slot} event {event:#x} failed with status {status:#x}");
-            }
-        }
-        _ => {}
+/// `_OST` source events (ACPI 6.5 table 6.157).
+const OST_EVENT_INSERT: u32 = 1;
+const OST_EVENT_EJECT: u32 = 3;
+
+/// A short name for an `_OST` event and status, e.g. `eject:busy`.
+pub fn describe_ost(event: u32, status: u32) -> String {
+    let ev = match event {
+        OST_EVENT_INSERT => "insert",
+        OST_EVENT_EJECT => "eject",
+        0x103 => "ospm-eject",
+        0x200 => "ospm-insert",
+        _ => "event",
+    };
+    let st = match (event, status) {
+        (_, 0) => "success",
+        (_, 1) => "failure",
+        (_, 2) => "unrecognized",
+        (OST_EVENT_EJECT | 0x103, 0x80) => "not-supported",
+        (OST_EVENT_EJECT | 0x103, 0x81) => "in-use",
+        (OST_EVENT_EJECT | 0x103, 0x82) => "busy",
+        (OST_EVENT_EJECT | 0x103, 0x83) => "dependency-busy",
+        (OST_EVENT_EJECT | 0x103, 0x84) => "in-progress",
+        (_, 0x80) => "in-progress",
+        (_, 0x81) => "insert-failure",
+        (_, 0x82) => "attach-failure",
+        (_, 0x83) => "unsupported-config",
+        _ => "unknown",
+    };
+    if ev == "event" || st == "unknown" {
+        format!("{ev}{event:#x}:{st}{status:#x}")
+    } else {
+        format!("{ev}:{st}")
     }
+}
+
+/// Whether an `_OST` status is final and not a success.
+fn ost_failed(event: u32, status: u32) -> bool {
+    let in_progress = matches!(
+        (event, status),
+        (OST_EVENT_EJECT | 0x103, 0x84) | (OST_EVENT_INSERT | 0x200, 0x80)
+    );
+    status != 0 && !in_progress
 }
 
 fn stop_all(machine: &mut Machine) {
@@ -631,6 +690,7 @@ impl ControlTarget for Vmm {
                 max_mem: self.max_mem(),
                 hotplug_slots_free: 0,
                 removing: Vec::new(),
+                last_ost: self.last_ost.clone(),
             },
         }
     }
@@ -754,5 +814,52 @@ impl ControlTarget for Vmm {
 impl Drop for Vmm {
     fn drop(&mut self) {
         self.teardown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ost_reports_are_named_and_classified() {
+        assert_eq!(describe_ost(3, 0x84), "eject:in-progress");
+        assert_eq!(describe_ost(3, 0x82), "eject:busy");
+        assert_eq!(describe_ost(1, 0), "insert:success");
+        assert_eq!(describe_ost(7, 0x99), "event0x7:unknown0x99");
+        assert!(!ost_failed(3, 0x84));
+        assert!(!ost_failed(1, 0x80));
+        assert!(!ost_failed(3, 0));
+        assert!(ost_failed(3, 0x82));
+        assert!(ost_failed(1, 1));
+    }
+
+    #[test]
+    fn memhp_default_state_is_added_only_when_needed() {
+        let mut c = VmConfig::new("k".into());
+        c.cmdline = "console=ttyS0".into();
+        assert_eq!(effective_cmdline(&c), "console=ttyS0");
+        c.memory.hotplug_size = 1 << 30;
+        assert_eq!(
+            effective_cmdline(&c),
+            "console=ttyS0 memhp_default_state=online"
+        );
+        c.cmdline = "memhp_default_state=offline quiet".into();
+        assert_eq!(effective_cmdline(&c), "memhp_default_state=offline quiet");
+    }
+
+    #[test]
+    fn hotplug_slots_follow_the_window_with_a_cap() {
+        let g = 1u64 << 30;
+        assert_eq!(hotplug_slots(&(4 * g..6 * g)), 16);
+        assert_eq!(hotplug_slots(&(4 * g..4 * g)), 0);
+        assert_eq!(
+            hotplug_slots(&(4 * g..100 * g)),
+            layout::MAX_MEMORY_HOTPLUG_SLOTS
+        );
+        assert_eq!(
+            acpi_config(1, 4, 512 << 20, (512 << 20) + 2 * g).memory_slots,
+            16
+        );
     }
 }

@@ -139,6 +139,19 @@ impl CpuHotplug {
         }
     }
 
+    /// Withdraws a pending removal (the guest refused the eject, see `_OST`): the CPU stays
+    /// present. Returns whether a removal was pending.
+    pub fn cancel_removal(&mut self, cpu: u32) -> bool {
+        match self.slot_mut(cpu) {
+            Some(slot) if slot.pending_removal => {
+                slot.pending_removal = false;
+                slot.removing = false;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Whether `cpu` is present (including a CPU whose removal waits for the guest's eject).
     pub fn is_enabled(&self, cpu: u32) -> bool {
         self.slot(cpu).is_some_and(|s| s.enabled)
@@ -501,5 +514,18 @@ mod tests {
             dev.write(FLAGS, &[FLAG_CEJ0, CMD_GET_APIC_ID, 0, 0]),
             DeviceEvent::CpuEject(258)
         );
+    }
+
+    #[test]
+    fn cancelled_removal_keeps_the_cpu_and_refuses_its_eject() {
+        let mut hp = CpuHotplug::new(4, 3);
+        hp.request_removal(2);
+        assert!(hp.cancel_removal(2));
+        assert!(!hp.cancel_removal(2));
+        assert!(hp.is_enabled(2));
+        assert!(hp.pending_removals().is_empty());
+        hp.write(CSEL, &2u32.to_le_bytes());
+        assert_eq!(hp.write(FLAGS, &[FLAG_CEJ0]), DeviceEvent::None);
+        assert!(hp.is_enabled(2));
     }
 }
