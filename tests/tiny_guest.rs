@@ -241,62 +241,327 @@ fn console_input_arrives_whole() {
     assert_eq!(r.stdout, input);
 }
 
+/// A minivmm running the echo guest (which runs until it reads '!') with a control socket.
+struct Controlled {
+    child: std::process::Child,
+    sock: PathBuf,
+}
+
+impl Controlled {
+    fn start(name: &str, args: &[&str]) -> Self {
+        require_kvm();
+        let sock = temp_path(&format!("{name}.sock"));
+        let kernel = temp_path(&format!("{name}.elf"));
+        std::fs::write(&kernel, pvh_elf(&echo_until_bang())).expect("write guest");
+        let child = Command::new(env!("CARGO_BIN_EXE_minivmm"))
+            .arg("--kernel")
+            .arg(&kernel)
+            .args(args)
+            .arg("--control")
+            .arg(&sock)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn minivmm");
+        Controlled { child, sock }
+    }
+
+    fn connect(&self) -> Client {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match std::os::unix::net::UnixStream::connect(&self.sock) {
+                Ok(s) => {
+                    s.set_read_timeout(Some(Duration::from_secs(10)))
+                        .expect("timeout");
+                    return Client(s);
+                }
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => panic!("cannot connect to the control socket: {e}"),
+            }
+        }
+    }
+
+    fn wait(mut self) -> i32 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                return s.code().unwrap_or(-1);
+            }
+            assert!(Instant::now() < deadline, "minivmm did not exit");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Controlled {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Client(std::os::unix::net::UnixStream);
+
+impl Client {
+    fn send(&mut self, bytes: &[u8]) {
+        self.0.write_all(bytes).expect("send");
+    }
+
+    fn reply(&mut self) -> String {
+        let mut reply = Vec::new();
+        let mut b = [0u8; 1];
+        loop {
+            let n = self.0.read(&mut b).expect("reply");
+            assert_eq!(
+                n,
+                1,
+                "connection closed before the reply ended: {:?}",
+                String::from_utf8_lossy(&reply)
+            );
+            if b[0] == b'\n' {
+                break;
+            }
+            reply.push(b[0]);
+        }
+        String::from_utf8(reply).expect("utf8 reply")
+    }
+
+    fn ask(&mut self, line: &str) -> String {
+        self.send(format!("{line}\n").as_bytes());
+        self.reply()
+    }
+}
+
+fn field<'a>(reply: &'a str, key: &str) -> &'a str {
+    reply
+        .split(' ')
+        .find_map(|w| w.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+        .unwrap_or_else(|| panic!("no {key}= in {reply:?}"))
+}
+
 #[test]
 fn control_socket_answers_while_the_guest_runs() {
-    use std::os::unix::net::UnixStream;
-    require_kvm();
-    let sock = temp_path("ctl.sock");
-    let kernel = temp_path("ctl.elf");
-    // The guest waits for a '!' on the console, so it runs until the test tells it to stop.
-    std::fs::write(&kernel, pvh_elf(&echo_until_bang())).expect("write guest");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_minivmm"))
-        .arg("--kernel")
-        .arg(&kernel)
-        .args([
+    let vm = Controlled::start(
+        "ctl",
+        &[
             "--cpus",
             "boot=1,max=2",
             "--memory",
             "size=64M,hotplug_size=128M",
-            "--control",
-        ])
-        .arg(&sock)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn minivmm");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut stream = loop {
-        match UnixStream::connect(&sock) {
-            Ok(s) => break s,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
-            Err(e) => panic!("cannot connect to the control socket: {e}"),
-        }
-    };
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    let mut ask = |line: &str| -> String {
-        stream.write_all(line.as_bytes()).expect("send");
-        let mut reply = Vec::new();
-        let mut b = [0u8; 1];
-        while stream.read(&mut b).expect("reply") == 1 && b[0] != b'\n' {
-            reply.push(b[0]);
-        }
-        String::from_utf8(reply).expect("utf8 reply")
-    };
-    assert_eq!(ask("ping\n"), "ok pong");
-    let info = ask("info\n");
+        ],
+    );
+    let mut c = vm.connect();
+    assert_eq!(c.ask("ping"), "ok pong");
+    let info = c.ask("info");
     assert!(info.starts_with("ok state=running cpus=1 "), "{info}");
     assert!(
         info.contains(" mem=64M ") && info.contains(" max_mem=192M"),
         "{info}"
     );
-    assert!(ask("resize cpus=3\n").starts_with("error "));
-    assert!(ask("resize mem=100M\n").starts_with("error "));
-    let grown = ask("resize mem=192M\n");
+    let grown = c.ask("resize mem=192M");
     assert!(grown.contains(" mem=192M "), "{grown}");
-    assert_eq!(ask("shutdown\n"), "ok shutting down");
-    let status = child.wait().expect("wait");
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(field(&c.ask("info"), "hotplug_slots_free"), "0");
+    assert_eq!(c.ask("shutdown"), "ok shutting down");
+    assert_eq!(vm.wait(), 0);
+}
+
+#[test]
+fn bad_control_requests_get_errors_and_change_nothing() {
+    let vm = Controlled::start(
+        "bad",
+        &[
+            "--cpus",
+            "boot=1,max=4",
+            "--memory",
+            "size=512M,hotplug_size=1G",
+        ],
+    );
+    let mut c = vm.connect();
+    let before = c.ask("info");
+    assert!(before.starts_with("ok "), "{before}");
+    let bad: &[(&str, &str)] = &[
+        ("frobnicate", "unknown command"),
+        ("resize", "resize needs"),
+        ("resize foo=1", "unknown key"),
+        ("resize cpus=", "missing value"),
+        ("resize cpus", "missing value"),
+        ("resize cpus=0", "cpus=0"),
+        ("resize cpus=5", "exceeds max_cpus=4"),
+        ("resize cpus=-1", "cpus"),
+        ("resize mem=600M", "not a multiple of 128M"),
+        ("resize mem=2G", "exceeds max_mem=1536M"),
+        ("resize mem=12Q", "invalid size"),
+        ("resize mem=32M", "below the minimum"),
+        ("resize cpus=2 mem=600M", "not a multiple of 128M"),
+        ("resize cpus=2 cpus=3", "duplicate"),
+        ("info now", "takes no arguments"),
+        ("", "empty request"),
+    ];
+    for (req, expect) in bad {
+        let reply = c.ask(req);
+        assert!(
+            reply.starts_with("error ") && reply.contains(expect),
+            "{req:?} -> {reply:?}"
+        );
+        assert_eq!(c.ask("info"), before, "{req:?} changed the VM");
+    }
+    // Over-long line, invalid UTF-8, CRLF.
+    let mut long = vec![b'x'; 5000];
+    long.push(b'\n');
+    c.send(&long);
+    let reply = c.reply();
+    assert!(
+        reply.starts_with("error ") && reply.contains("4096"),
+        "{reply}"
+    );
+    c.send(b"resize cpus=\xff\xfe\n");
+    assert!(c.reply().starts_with("error "));
+    assert_eq!(c.ask("ping\r"), "ok pong");
+    assert_eq!(c.ask("info"), before);
+
+    // A client that disconnects mid-line changes nothing; a second client works meanwhile.
+    let mut other = vm.connect();
+    other.send(b"resize cpus=3");
+    let mut third = vm.connect();
+    assert_eq!(third.ask("ping"), "ok pong");
+    drop(other);
+    assert_eq!(third.ask("info"), before);
+
+    // A combined request is atomic: the invalid memory half stops the CPU half too.
+    assert!(c.ask("resize cpus=3 mem=700M").starts_with("error "));
+    assert_eq!(c.ask("info"), before);
+
+    // Valid combined request, then a removal the tiny guest never ejects.
+    let r = c.ask("resize cpus=3 mem=768M");
+    assert_eq!((field(&r, "cpus"), field(&r, "mem")), ("3", "768M"), "{r}");
+    let r = c.ask("resize cpus=2");
+    assert_eq!(
+        (field(&r, "cpus"), field(&r, "pending_cpus")),
+        ("3", "2"),
+        "{r}"
+    );
+    let info = c.ask("info");
+    assert_eq!(field(&info, "removing"), "2", "{info}");
+    let refused = c.ask("resize cpus=4");
+    assert!(
+        refused.starts_with("error ") && refused.contains("removal of vCPU 2 still pending"),
+        "{refused}"
+    );
+    // Memory can still change while a CPU removal is pending, and a shrink is only pending.
+    let r = c.ask("resize mem=512M");
+    assert_eq!(
+        (field(&r, "mem"), field(&r, "pending_mem")),
+        ("768M", "512M"),
+        "{r}"
+    );
+    assert_eq!(c.ask("powerbutton"), "ok");
+    assert!(c.ask("help").starts_with("ok commands="));
+    assert_eq!(c.ask("shutdown"), "ok shutting down");
+    assert_eq!(vm.wait(), 0);
+}
+
+#[test]
+fn control_over_an_inherited_socketpair() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    require_kvm();
+    let kernel = temp_path("fd.elf");
+    std::fs::write(&kernel, pvh_elf(&echo_until_bang())).expect("write guest");
+    let (mine, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    let fd = theirs.as_raw_fd();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_minivmm"));
+    cmd.arg("--kernel")
+        .arg(&kernel)
+        .args(["--memory", "size=64M", "--control", "fd=3"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: dup2 is async-signal-safe; it runs in the child between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("spawn minivmm");
+    drop(theirs);
+    mine.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut c = Client(mine);
+    assert_eq!(c.ask("ping"), "ok pong");
+    assert!(c.ask("info").starts_with("ok state=running"));
+    assert_eq!(c.ask("shutdown"), "ok shutting down");
+    assert_eq!(child.wait().expect("wait").code(), Some(0));
+}
+
+#[test]
+fn control_path_that_is_not_a_socket_is_refused() {
+    require_kvm();
+    let path = temp_path("not-a-socket");
+    std::fs::write(&path, b"keep me").expect("write");
+    let kernel = temp_path("nsock.elf");
+    std::fs::write(&kernel, pvh_elf(&print_then("x", POWER_OFF))).expect("write guest");
+    let out = Command::new(env!("CARGO_BIN_EXE_minivmm"))
+        .arg("--kernel")
+        .arg(&kernel)
+        .args(["--memory", "size=64M", "--control"])
+        .arg(&path)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run minivmm");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("not a socket"), "{stderr}");
+    assert_eq!(std::fs::read(&path).expect("still there"), b"keep me");
+}
+
+#[test]
+fn sigterm_ends_minivmm_cleanly() {
+    let vm = Controlled::start("term", &["--memory", "size=64M"]);
+    let mut c = vm.connect();
+    assert_eq!(c.ask("ping"), "ok pong");
+    // SAFETY: sending a signal to our own child process.
+    assert_eq!(
+        unsafe { libc::kill(vm.child.id() as i32, libc::SIGTERM) },
+        0
+    );
+    let sock = vm.sock.clone();
+    assert_eq!(vm.wait(), 0);
+    assert!(!sock.exists(), "the control socket is removed on exit");
+}
+
+#[test]
+fn guest_reset_rebuilds_the_vm_in_process() {
+    require_kvm();
+    let kernel = temp_path("reboot.elf");
+    std::fs::write(&kernel, pvh_elf(&print_then("boot\n", RESET))).expect("write guest");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_minivmm"))
+        .arg("--kernel")
+        .arg(&kernel)
+        .args(["--cpus", "boot=2", "--memory", "size=64M"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn minivmm");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 64];
+    while seen.windows(5).filter(|w| w == b"boot\n").count() < 3 {
+        let n = out.read(&mut buf).expect("read");
+        assert!(
+            n > 0,
+            "minivmm exited after {:?}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+    // SAFETY: signalling our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    assert_eq!(child.wait().expect("wait").code(), Some(0));
 }
