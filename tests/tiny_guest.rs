@@ -565,3 +565,93 @@ fn guest_reset_rebuilds_the_vm_in_process() {
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
     assert_eq!(child.wait().expect("wait").code(), Some(0));
 }
+
+fn minivmm_output(args: &[&std::ffi::OsStr]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_minivmm"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run minivmm");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn unusable_guest_files_are_reported_with_exit_code_1() {
+    require_kvm();
+    let junk = temp_path("junk.bin");
+    std::fs::write(&junk, vec![0x5au8; 8192]).expect("write");
+    let (code, err) = minivmm_output(&["--kernel".as_ref(), junk.as_os_str()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("kernel"), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+
+    let missing = temp_path("does-not-exist");
+    let (code, err) = minivmm_output(&["--kernel".as_ref(), missing.as_os_str()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("cannot open kernel") && err.contains("does-not-exist"),
+        "{err}"
+    );
+
+    // An initramfs larger than the guest's RAM cannot fit.
+    let kernel = temp_path("fit.elf");
+    std::fs::write(&kernel, pvh_elf(&print_then("x", POWER_OFF))).expect("write guest");
+    let big = temp_path("big.cpio");
+    let f = std::fs::File::create(&big).expect("create");
+    f.set_len(80 << 20).expect("size");
+    let (code, err) = minivmm_output(&[
+        "--kernel".as_ref(),
+        kernel.as_os_str(),
+        "--initramfs".as_ref(),
+        big.as_os_str(),
+        "--memory".as_ref(),
+        "size=64M".as_ref(),
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("initramfs") && err.contains("does not fit"),
+        "{err}"
+    );
+}
+
+#[test]
+fn dump_acpi_writes_tables_that_iasl_accepts() {
+    require_kvm();
+    let kernel = temp_path("dump.elf");
+    std::fs::write(&kernel, pvh_elf(&print_then("x", POWER_OFF))).expect("write guest");
+    let dir = temp_path("acpi-dump");
+    let (code, err) = minivmm_output(&[
+        "--kernel".as_ref(),
+        kernel.as_os_str(),
+        "--cpus".as_ref(),
+        "boot=2,max=8".as_ref(),
+        "--memory".as_ref(),
+        "size=64M,hotplug_size=1G".as_ref(),
+        "--dump-acpi".as_ref(),
+        dir.as_os_str(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    for t in ["DSDT", "APIC", "FACP", "XSDT"] {
+        let path = dir.join(format!("{t}.dat"));
+        assert!(path.exists(), "{} missing", path.display());
+        let out = Command::new("iasl")
+            .arg("-d")
+            .arg(&path)
+            .current_dir(&dir)
+            .output()
+            .expect("iasl is needed: apt-get install acpica-tools");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && !text.contains("Error"),
+            "iasl -d {t}: {text}"
+        );
+    }
+    let dsl = std::fs::read_to_string(dir.join("DSDT.dsl")).expect("DSDT.dsl");
+    for name in ["C007", "M007", "ACPI0013", "PNP0C80"] {
+        assert!(dsl.contains(name), "DSDT lacks {name}");
+    }
+}
