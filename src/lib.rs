@@ -4,6 +4,9 @@
 //! [`run`] is the whole VMM: it opens KVM and the guest files, installs the seccomp filters,
 //! boots the guest and serves the event loop until the guest powers off.
 
+#![deny(missing_docs)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod acpi;
 pub mod arch;
 pub mod config;
