@@ -1,0 +1,1530 @@
+//! Shared harness for minivmm's real-Linux boot tests.
+//!
+//! * **Test host.** [`run_in_test_host`] runs a test body where a real Linux guest can boot: directly when
+//!   the machine has hardware KVM, or inside an emulated test host (QEMU TCG with an SVM CPU, whose Debian
+//!   kernel loads `kvm_amd`) when `/dev/kvm` is PVM or missing. The emulated host ("L1") runs this very test
+//!   executable on the host root shared read-only over 9p, with `MINIVMM_TEST_HOST=direct`.
+//!   `MINIVMM_TEST_HOST=direct|emulated` forces the choice.
+//! * **Guest driver.** [`Vm`] spawns minivmm with the serial console on pipes, waits for the guest's
+//!   `GUEST-READY` marker, runs shell commands through an echo-proof marker protocol and talks to the
+//!   control socket.
+//!
+//! Images come from `tests/guest/build-images.sh` (into `tests/.cache/`); they are built on first use.
+//! Logs: `target/test-logs/<test>.l1.log` (emulated host console) and `<test>.l2.<n>.log` (guest console,
+//! direct runs); inside the emulated host the guest logs are printed to the console instead, so they end up
+//! in the L1 log.
+
+#![allow(dead_code)] // Each test crate uses a different subset.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Hard limit on one emulated test-host (L1) run, from QEMU start to exit.
+pub const L1_TIMEOUT: Duration = Duration::from_secs(300);
+/// Hard limit on one guest (L2) boot, from minivmm start (or reboot) to `GUEST-READY`.
+pub const L2_BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Hard limit on one guest shell command.
+pub const CMD_TIMEOUT: Duration = Duration::from_secs(30);
+/// Hard limit on one control-pipe request (connect + reply).
+pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Hard limit on minivmm exiting after the guest was told to power off or reboot.
+pub const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Guest kernel command line used by the tests (`quiet` keeps kernel messages out of command output;
+/// `memhp_default_state=online` onlines hot-added memory, as the guest runs no udev).
+pub const GUEST_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 quiet memhp_default_state=online";
+/// The guest prints this (followed by ` uptime=<seconds>`) once its shell owns the console.
+pub const READY_MARKER: &str = "GUEST-READY";
+
+const L1_RESULT_MARKER: &str = "MVM-L1-RESULT rc=";
+const L1_STEP_MARKER: &str = "MVM-L1-STEP ";
+/// Set in the emulated host's environment so the inner run knows the share is read-only.
+const INNER_ENV: &str = "MINIVMM_TEST_INNER";
+const HOST_ENV: &str = "MINIVMM_TEST_HOST";
+/// Optional override of the minivmm binary under test.
+const BIN_ENV: &str = "MINIVMM_TEST_BIN";
+/// Lines of each log printed when a test fails.
+const TAIL_LINES: usize = 60;
+
+// ------------------------------------------------------------------------------------------------------
+// Paths and images
+// ------------------------------------------------------------------------------------------------------
+
+/// The crate root (tests run with it as working directory).
+pub fn repo_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The minivmm binary under test: `$MINIVMM_TEST_BIN` or the one cargo built for this test run.
+pub fn minivmm_bin() -> PathBuf {
+    match std::env::var_os(BIN_ENV) {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from(env!("CARGO_BIN_EXE_minivmm")),
+    }
+}
+
+/// True inside the emulated test host (the host root is a read-only share there).
+pub fn is_inner_run() -> bool {
+    std::env::var_os(INNER_ENV).is_some_and(|v| v == "1")
+}
+
+/// Where logs go: `target/test-logs` (or a tmpfs directory inside the emulated host).
+pub fn log_dir() -> PathBuf {
+    let dir = if is_inner_run() {
+        std::env::temp_dir().join("minivmm-test-logs")
+    } else {
+        // CARGO_TARGET_TMPDIR is <target>/tmp.
+        let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        tmp.parent()
+            .map_or(tmp.clone(), Path::to_path_buf)
+            .join("test-logs")
+    };
+    if let Err(e) = fs::create_dir_all(&dir) {
+        panic!("cannot create the log directory {}: {e}", dir.display());
+    }
+    dir
+}
+
+/// The guest images built by `tests/guest/build-images.sh`.
+#[derive(Debug, Clone)]
+pub struct Images {
+    /// Debian bzImage (L1 and L2 kernel).
+    pub bzimage: PathBuf,
+    /// The same kernel as an ELF vmlinux with the PVH note.
+    pub vmlinux: PathBuf,
+    /// Kernel release string, e.g. `6.1.0-56-amd64`.
+    pub release: String,
+    /// Busybox guest initramfs.
+    pub l2_initramfs: PathBuf,
+    /// Emulated test host initramfs.
+    pub l1_initramfs: PathBuf,
+}
+
+/// Returns the guest images, building them first (once per process) unless inside the emulated host.
+pub fn images() -> &'static Images {
+    static IMAGES: OnceLock<Images> = OnceLock::new();
+    IMAGES.get_or_init(|| {
+        let cache = repo_dir().join("tests/.cache");
+        if !is_inner_run() {
+            let script = repo_dir().join("tests/guest/build-images.sh");
+            let out = Command::new("bash")
+                .arg(&script)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+            if !out.status.success() {
+                panic!(
+                    "{} failed ({}):\n{}{}",
+                    script.display(),
+                    out.status,
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        let imgs = Images {
+            bzimage: cache.join("kernel/vmlinuz"),
+            vmlinux: cache.join("kernel/vmlinux"),
+            release: fs::read_to_string(cache.join("kernel/release"))
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default(),
+            l2_initramfs: cache.join("l2-initramfs.gz"),
+            l1_initramfs: cache.join("l1-initramfs.gz"),
+        };
+        for p in [
+            &imgs.bzimage,
+            &imgs.vmlinux,
+            &imgs.l2_initramfs,
+            &imgs.l1_initramfs,
+        ] {
+            assert!(
+                p.is_file(),
+                "missing guest image {} (run tests/guest/build-images.sh)",
+                p.display()
+            );
+        }
+        imgs
+    })
+}
+
+// ------------------------------------------------------------------------------------------------------
+// Test host selection
+// ------------------------------------------------------------------------------------------------------
+
+/// Where real Linux guests run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestHost {
+    /// minivmm runs on this machine's hardware KVM.
+    Direct,
+    /// minivmm runs inside QEMU TCG (`-cpu EPYC`, nested `kvm_amd`).
+    Emulated,
+}
+
+/// The facts the automatic choice is based on.
+#[derive(Debug, Clone, Default)]
+pub struct HostFacts {
+    /// `/dev/kvm` exists.
+    pub dev_kvm: bool,
+    /// `vmx` or `svm` in the CPU flags.
+    pub hw_virt: bool,
+    /// `/sys/module/kvm_pvm` exists (software PVM hypervisor).
+    pub pvm: bool,
+    /// `qemu-system-x86_64` is on PATH.
+    pub qemu: bool,
+}
+
+impl HostFacts {
+    /// Probes this machine.
+    pub fn probe() -> Self {
+        let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        HostFacts {
+            dev_kvm: Path::new("/dev/kvm").exists(),
+            hw_virt: cpu_has_hw_virt(&cpuinfo),
+            pvm: Path::new("/sys/module/kvm_pvm").exists(),
+            qemu: which("qemu-system-x86_64").is_some(),
+        }
+    }
+}
+
+/// True when a `flags` line of /proc/cpuinfo lists `vmx` or `svm`.
+pub fn cpu_has_hw_virt(cpuinfo: &str) -> bool {
+    cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .flat_map(|l| l.split_whitespace())
+        .any(|f| f == "vmx" || f == "svm")
+}
+
+/// Chooses the test host: `forced` (the `MINIVMM_TEST_HOST` value) wins; otherwise direct on hardware
+/// KVM, emulated when QEMU is available. Returns the choice and the reason, or an error naming what to
+/// install.
+pub fn choose_test_host(
+    facts: &HostFacts,
+    forced: Option<&str>,
+) -> Result<(TestHost, String), String> {
+    match forced.map(str::trim) {
+        Some("direct") => return Ok((TestHost::Direct, format!("forced by {HOST_ENV}=direct"))),
+        Some("emulated") if facts.qemu => {
+            return Ok((TestHost::Emulated, format!("forced by {HOST_ENV}=emulated")))
+        }
+        Some("emulated") => {
+            return Err(format!(
+                "{HOST_ENV}=emulated but qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)"
+            ))
+        }
+        Some("") | None => {}
+        Some(other) => return Err(format!("{HOST_ENV}={other:?} is invalid: use direct or emulated")),
+    }
+    if facts.dev_kvm && facts.hw_virt && !facts.pvm {
+        return Ok((
+            TestHost::Direct,
+            "hardware KVM (/dev/kvm, vmx/svm, no kvm_pvm)".into(),
+        ));
+    }
+    let why = if facts.pvm {
+        "/dev/kvm is PVM (kvm_pvm loaded): stock Linux guests cannot boot on it"
+    } else if !facts.dev_kvm {
+        "no /dev/kvm"
+    } else {
+        "no vmx/svm CPU flag"
+    };
+    if facts.qemu {
+        Ok((
+            TestHost::Emulated,
+            format!("{why}; using QEMU TCG -cpu EPYC with nested kvm_amd"),
+        ))
+    } else {
+        Err(format!(
+            "cannot run real-Linux guest tests: {why}, and qemu-system-x86_64 is not installed \
+             (apt-get install qemu-system-x86)"
+        ))
+    }
+}
+
+/// The test host for this process (decided once, printed once).
+pub fn test_host() -> TestHost {
+    static HOST: OnceLock<TestHost> = OnceLock::new();
+    *HOST.get_or_init(|| {
+        let forced = std::env::var(HOST_ENV).ok();
+        match choose_test_host(&HostFacts::probe(), forced.as_deref()) {
+            Ok((host, why)) => {
+                if !is_inner_run() {
+                    say(&format!("minivmm tests: test host {host:?} ({why})"));
+                }
+                host
+            }
+            Err(e) => panic!("{e}"),
+        }
+    })
+}
+
+/// Writes a line to the real stderr, bypassing libtest's output capture (for progress and timings).
+pub fn say(line: &str) {
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// Locates an executable on PATH.
+pub fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Runs `body` where real Linux guests can boot. `name` must be the test function's name (it is how the
+/// emulated host finds the test again).
+pub fn run_in_test_host(name: &str, body: impl FnOnce()) {
+    if let Some(thread_name) = thread::current().name() {
+        assert!(
+            thread_name == "main" || thread_name == name || thread_name.ends_with(&format!("::{name}")),
+            "run_in_test_host({name:?}) called from test {thread_name:?}: pass the test function's name"
+        );
+    }
+    match test_host() {
+        TestHost::Direct => {
+            set_current_test(name);
+            body();
+        }
+        TestHost::Emulated => run_emulated(name),
+    }
+}
+
+fn current_test_slot() -> &'static Mutex<String> {
+    static CURRENT: OnceLock<Mutex<String>> = OnceLock::new();
+    CURRENT.get_or_init(|| Mutex::new(String::from("test")))
+}
+
+fn set_current_test(name: &str) {
+    *lock(current_test_slot()) = name.to_string();
+}
+
+fn current_test() -> String {
+    lock(current_test_slot()).clone()
+}
+
+/// Locks a mutex, ignoring poisoning (a failed test must not fail the following ones).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+// ------------------------------------------------------------------------------------------------------
+// The emulated test host (L1)
+// ------------------------------------------------------------------------------------------------------
+
+/// Serializes L1 runs: one per process (mutex) and one per machine (lock file), as QEMU TCG needs the cores.
+struct L1Lock {
+    _guard: MutexGuard<'static, ()>,
+    _file: File,
+}
+
+fn l1_lock() -> L1Lock {
+    static PROCESS: Mutex<()> = Mutex::new(());
+    let guard = lock(&PROCESS);
+    let path = log_dir().join("l1.lock");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
+    // SAFETY: flock on a file descriptor we own; it only blocks until the lock is free and touches no memory.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+    assert_eq!(
+        rc,
+        0,
+        "flock {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+    L1Lock {
+        _guard: guard,
+        _file: file,
+    }
+}
+
+/// Serial output collected by a reader thread: bytes plus end-of-stream, with a condvar for waiters.
+#[derive(Default)]
+struct Collected {
+    state: Mutex<(Vec<u8>, bool)>,
+    cond: Condvar,
+}
+
+impl Collected {
+    fn push(&self, bytes: &[u8]) {
+        lock(&self.state).0.extend_from_slice(bytes);
+        self.cond.notify_all();
+    }
+
+    fn close(&self) {
+        lock(&self.state).1 = true;
+        self.cond.notify_all();
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&lock(&self.state).0).into_owned()
+    }
+
+    fn len(&self) -> usize {
+        lock(&self.state).0.len()
+    }
+
+    fn is_closed(&self) -> bool {
+        lock(&self.state).1
+    }
+
+    /// Waits until `pred(bytes)` is Some, the stream closes, or the deadline passes.
+    fn wait<R>(&self, deadline: Instant, mut pred: impl FnMut(&[u8]) -> Option<R>) -> Option<R> {
+        let mut st = lock(&self.state);
+        loop {
+            if let Some(r) = pred(&st.0) {
+                return Some(r);
+            }
+            let now = Instant::now();
+            if st.1 || now >= deadline {
+                return None;
+            }
+            let wait = (deadline - now).min(Duration::from_millis(200));
+            st = self
+                .cond
+                .wait_timeout(st, wait)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+/// Copies `src` into `sink` (and optionally a log file, see [`LineStamper`]) until EOF.
+fn spawn_reader(
+    mut src: impl Read + Send + 'static,
+    sink: Arc<Collected>,
+    mut log: Option<File>,
+    start: Instant,
+) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        let mut buf = [0u8; 8192];
+        let mut stamper = LineStamper::new(start);
+        loop {
+            match src.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    sink.push(&buf[..n]);
+                    if let Some(f) = log.as_mut() {
+                        let _ = f.write_all(&stamper.feed(&buf[..n]));
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            }
+        }
+        if let Some(f) = log.as_mut() {
+            let _ = f.write_all(&stamper.finish());
+        }
+        sink.close();
+    })
+}
+
+/// Turns a byte stream into log lines `[  12.345] text`, stamped with the time (seconds since `start`) at
+/// which the line was completed; drops `\r`.
+pub struct LineStamper {
+    pending: Vec<u8>,
+    start: Instant,
+}
+
+impl LineStamper {
+    /// A stamper measuring from `start`.
+    pub fn new(start: Instant) -> Self {
+        LineStamper {
+            pending: Vec::new(),
+            start,
+        }
+    }
+
+    /// Feeds bytes; returns the stamped lines they complete.
+    pub fn feed(&mut self, bytes: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for &b in bytes {
+            if b == b'\r' {
+                continue;
+            }
+            self.pending.push(b);
+            if b == b'\n' {
+                out.extend_from_slice(&self.stamp());
+            }
+        }
+        out
+    }
+
+    /// Stamps a last unterminated line, if any.
+    pub fn finish(&mut self) -> Vec<u8> {
+        if self.pending.is_empty() {
+            return Vec::new();
+        }
+        self.pending.push(b'\n');
+        self.stamp()
+    }
+
+    fn stamp(&mut self) -> Vec<u8> {
+        let mut line = format!("[{:8.3}] ", self.start.elapsed().as_secs_f64()).into_bytes();
+        line.append(&mut self.pending);
+        line
+    }
+}
+
+/// The stamp of the first log line containing `needle` (see [`LineStamper`]).
+pub fn stamp_of(log: &str, needle: &str) -> Option<f64> {
+    log.lines()
+        .find(|l| l.contains(needle))
+        .and_then(|l| l.strip_prefix('[')?.split_once(']')?.0.trim().parse().ok())
+}
+
+/// The last `n` lines of `text`, without `\r`.
+pub fn tail(text: &str, n: usize) -> String {
+    let text = text.replace('\r', "");
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// The exit code recorded by the L1 `/init` (`MVM-L1-RESULT rc=N`), if present.
+pub fn parse_l1_result(console: &str) -> Option<i32> {
+    console.lines().rev().find_map(|l| {
+        let at = l.find(L1_RESULT_MARKER)?;
+        let digits: String = l[at + L1_RESULT_MARKER.len()..]
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == '-')
+            .collect();
+        digits.parse().ok()
+    })
+}
+
+/// The guest uptime of the L1 step marker named `step`, if present.
+pub fn parse_l1_step(console: &str, step: &str) -> Option<f64> {
+    console.lines().find_map(|l| {
+        let rest = &l[l.find(L1_STEP_MARKER)? + L1_STEP_MARKER.len()..];
+        let (up, name) = rest.split_once(' ')?;
+        if name.trim_end() == step || name.starts_with(step) {
+            up.parse().ok()
+        } else {
+            None
+        }
+    })
+}
+
+/// Runs test `name` of this executable inside a fresh emulated test host and fails unless it passed there.
+fn run_emulated(name: &str) {
+    let imgs = images();
+    let _lock = l1_lock();
+    let logs = log_dir();
+    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("current_exe: {e}"));
+    let script_path = logs.join(format!("{name}.l1.sh"));
+    let log_path = logs.join(format!("{name}.l1.log"));
+    for p in [&exe, &script_path, &repo_dir()] {
+        let s = p.to_string_lossy();
+        assert!(
+            !s.chars().any(|c| c.is_whitespace())
+                && !s.starts_with("/tmp/")
+                && !s.starts_with("/run/"),
+            "{s}: the emulated test host needs paths without whitespace outside /tmp and /run"
+        );
+    }
+
+    // The script the L1 /init runs in the chroot of the host root.
+    let mut script = String::from(
+        "# generated by tests/common/mod.rs: runs one test inside the emulated test host\n",
+    );
+    let _ = writeln!(
+        script,
+        "export {HOST_ENV}=direct {INNER_ENV}=1 RUST_BACKTRACE={}",
+        std::env::var("RUST_BACKTRACE").unwrap_or_else(|_| "0".into())
+    );
+    for var in [BIN_ENV, "RUST_LOG"] {
+        if let Ok(v) = std::env::var(var) {
+            let _ = writeln!(script, "export {var}={}", shell_quote(&v));
+        }
+    }
+    let _ = writeln!(
+        script,
+        "exec {} --exact {} --nocapture --test-threads=1",
+        shell_quote(&exe.to_string_lossy()),
+        shell_quote(name)
+    );
+    fs::write(&script_path, script)
+        .unwrap_or_else(|e| panic!("write {}: {e}", script_path.display()));
+
+    let append = format!(
+        "console=ttyS0 panic=-1 rdinit=/init quiet minivmm.run={} minivmm.cwd={}",
+        script_path.display(),
+        repo_dir().display()
+    );
+    let start = Instant::now();
+    let mut child = Command::new("qemu-system-x86_64")
+        .args([
+            "-accel",
+            "tcg,thread=multi,tb-size=512",
+            "-machine",
+            "q35",
+            "-cpu",
+            "EPYC",
+        ])
+        .args([
+            "-smp",
+            "2",
+            "-m",
+            "4G",
+            "-nographic",
+            "-no-reboot",
+            "-nodefaults",
+            "-serial",
+            "stdio",
+        ])
+        .arg("-kernel")
+        .arg(&imgs.bzimage)
+        .arg("-initrd")
+        .arg(&imgs.l1_initramfs)
+        .arg("-append")
+        .arg(&append)
+        .args([
+            "-virtfs",
+            "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start qemu-system-x86_64: {e}"));
+    let log =
+        File::create(&log_path).unwrap_or_else(|e| panic!("create {}: {e}", log_path.display()));
+    let console = Arc::new(Collected::default());
+    let qemu_err = Arc::new(Collected::default());
+    let readers = [
+        spawn_reader(
+            child.stdout.take().expect("piped stdout"),
+            console.clone(),
+            Some(log),
+            start,
+        ),
+        spawn_reader(
+            child.stderr.take().expect("piped stderr"),
+            qemu_err.clone(),
+            None,
+            start,
+        ),
+    ];
+
+    let deadline = start + L1_TIMEOUT;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break Some(st),
+            Ok(None) if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            Ok(None) => thread::sleep(Duration::from_millis(100)),
+            Err(e) => panic!("waiting for qemu: {e}"),
+        }
+    };
+    for r in readers {
+        let _ = r.join();
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let text = console.text();
+    let log_text = fs::read_to_string(&log_path).unwrap_or_default();
+    let step_at = |step: &str| {
+        let line = log_text
+            .lines()
+            .find(|l| l.contains(L1_STEP_MARKER) && l.contains(step))?;
+        stamp_of(line, L1_STEP_MARKER).map(|t| format!("{t:.1}s"))
+    };
+    say(&format!(
+        "[emulated] {name}: L1 run {elapsed:.1}s; /init at {}, test started at {}, finished at {} \
+         (host time since QEMU start); log {}",
+        step_at(" init").unwrap_or_else(|| "-".into()),
+        step_at(" running ").unwrap_or_else(|| "-".into()),
+        step_at(" command finished").unwrap_or_else(|| "-".into()),
+        log_path.display()
+    ));
+    let result = parse_l1_result(&text);
+    let problem = match (status, result) {
+        (None, _) => Some(format!(
+            "the emulated test host timed out after {}s (killed)",
+            L1_TIMEOUT.as_secs()
+        )),
+        (_, None) => Some("the emulated test host exited without a result marker".to_string()),
+        (_, Some(0)) => None,
+        (_, Some(rc)) => Some(format!(
+            "the test failed inside the emulated test host (exit code {rc})"
+        )),
+    };
+    if let Some(problem) = problem {
+        panic!(
+            "{problem}\n--- inner test failure ---\n{}\n--- qemu: {}; stderr (tail) ---\n{}\n\
+             --- L1 console (tail; full log {}) ---\n{}\n",
+            inner_panics(&text),
+            status.map_or("killed".to_string(), |s| s.to_string()),
+            tail(&qemu_err.text(), 10),
+            log_path.display(),
+            tail(&text, TAIL_LINES * 2)
+        );
+    }
+}
+
+/// The panic messages of the inner test run (the `panicked at` line and the message lines after it).
+pub fn inner_panics(console: &str) -> String {
+    let lines: Vec<&str> = console.lines().map(|l| l.trim_end_matches('\r')).collect();
+    let mut out: Vec<&str> = Vec::new();
+    for (i, l) in lines.iter().enumerate() {
+        if l.contains("panicked at") {
+            out.extend(
+                lines[i..]
+                    .iter()
+                    .take(8)
+                    .take_while(|m| !m.starts_with("note:") && !m.starts_with("stack backtrace:")),
+            );
+        }
+    }
+    if out.is_empty() {
+        "(no panic message found)".to_string()
+    } else {
+        out.join("\n")
+    }
+}
+
+/// Quotes `s` for a POSIX shell.
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+// ------------------------------------------------------------------------------------------------------
+// The guest driver
+// ------------------------------------------------------------------------------------------------------
+
+/// How to start minivmm for a guest.
+#[derive(Debug, Clone)]
+pub struct VmOptions {
+    /// `--kernel`.
+    pub kernel: PathBuf,
+    /// `--initramfs`.
+    pub initramfs: Option<PathBuf>,
+    /// `--cmdline`.
+    pub cmdline: String,
+    /// `--cpus` value (e.g. `boot=1,max=4`), if any.
+    pub cpus: Option<String>,
+    /// `--memory` value (e.g. `size=512M,hotplug_size=2G`), if any.
+    pub memory: Option<String>,
+    /// `--no-reboot`.
+    pub no_reboot: bool,
+    /// Open a control socket (`--control PATH`).
+    pub control: bool,
+    /// Further arguments.
+    pub extra: Vec<String>,
+}
+
+impl VmOptions {
+    /// The Debian bzImage with the busybox initramfs, 512 MiB, 1 vCPU.
+    pub fn bzimage() -> Self {
+        let imgs = images();
+        VmOptions {
+            kernel: imgs.bzimage.clone(),
+            initramfs: Some(imgs.l2_initramfs.clone()),
+            cmdline: GUEST_CMDLINE.to_string(),
+            cpus: None,
+            memory: Some("size=512M".to_string()),
+            no_reboot: false,
+            control: false,
+            extra: Vec::new(),
+        }
+    }
+
+    /// The same kernel as an ELF vmlinux (PVH entry).
+    pub fn elf() -> Self {
+        VmOptions {
+            kernel: images().vmlinux.clone(),
+            ..Self::bzimage()
+        }
+    }
+
+    /// Sets `--cpus`.
+    pub fn cpus(mut self, v: &str) -> Self {
+        self.cpus = Some(v.to_string());
+        self
+    }
+
+    /// Sets `--memory`.
+    pub fn memory(mut self, v: &str) -> Self {
+        self.memory = Some(v.to_string());
+        self
+    }
+
+    /// Adds `--no-reboot`.
+    pub fn no_reboot(mut self) -> Self {
+        self.no_reboot = true;
+        self
+    }
+
+    /// Adds `--control <socket>`.
+    #[track_caller]
+    pub fn control(mut self) -> Self {
+        self.control = true;
+        self
+    }
+
+    /// The minivmm arguments for these options (`control` is the socket path, when enabled).
+    pub fn args(&self, control: Option<&Path>) -> Vec<String> {
+        let mut a = vec![
+            "--kernel".to_string(),
+            self.kernel.to_string_lossy().into_owned(),
+        ];
+        if let Some(i) = &self.initramfs {
+            a.extend(["--initramfs".to_string(), i.to_string_lossy().into_owned()]);
+        }
+        a.extend(["--cmdline".to_string(), self.cmdline.clone()]);
+        if let Some(c) = &self.cpus {
+            a.extend(["--cpus".to_string(), c.clone()]);
+        }
+        if let Some(m) = &self.memory {
+            a.extend(["--memory".to_string(), m.clone()]);
+        }
+        if self.no_reboot {
+            a.push("--no-reboot".to_string());
+        }
+        if let Some(c) = control {
+            a.extend(["--control".to_string(), c.to_string_lossy().into_owned()]);
+        }
+        a.extend(self.extra.iter().cloned());
+        a
+    }
+}
+
+/// A running minivmm with its guest console on pipes. Killed (and its logs shown on failure) on drop.
+pub struct Vm {
+    label: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    serial: Arc<Collected>,
+    stderr: Arc<Collected>,
+    readers: Vec<thread::JoinHandle<()>>,
+    /// Byte offset in the serial output up to which output has been consumed.
+    cursor: usize,
+    seq: u32,
+    control_path: Option<PathBuf>,
+    serial_log: PathBuf,
+    stderr_log: PathBuf,
+    started: Instant,
+    boots: u32,
+    exit: Option<ExitStatus>,
+}
+
+/// Builds the shell line for command number `k`: start and end markers are split in the command text
+/// (`"__MV""M_B<k>"`), so the echoed command line can never match them.
+pub fn marked_command(k: u32, cmd: &str) -> String {
+    format!("echo \"__MV\"\"M_B{k}\"; {cmd}; echo \"__MV\"\"M_E{k}=$?\"\n")
+}
+
+/// Finds the result of command number `k` in console output: `(output, exit status)`, once complete.
+pub fn parse_marked_output(console: &[u8], k: u32) -> Option<(String, i32)> {
+    let begin = format!("__MVM_B{k}");
+    let end = format!("__MVM_E{k}=");
+    let b = find(console, begin.as_bytes(), 0)?;
+    let body_start = b + begin.len() + find(&console[b + begin.len()..], b"\n", 0)? + 1;
+    let e = find(console, end.as_bytes(), body_start)?;
+    let rest = &console[e + end.len()..];
+    let nl = find(rest, b"\n", 0)?;
+    let rc = String::from_utf8_lossy(&rest[..nl]).trim().parse().ok()?;
+    let out = String::from_utf8_lossy(&console[body_start..e]).replace('\r', "");
+    Some((out.strip_suffix('\n').unwrap_or(&out).to_string(), rc))
+}
+
+fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
+    if from > hay.len() || needle.is_empty() {
+        return None;
+    }
+    hay[from..]
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .map(|p| p + from)
+}
+
+static VM_SEQ: AtomicU32 = AtomicU32::new(0);
+
+impl Vm {
+    /// Starts minivmm and waits for the guest's first `GUEST-READY`.
+    #[track_caller]
+    pub fn boot(opts: VmOptions) -> Vm {
+        let mut vm = Vm::start(opts);
+        vm.wait_ready();
+        vm
+    }
+
+    /// Starts minivmm without waiting for the guest.
+    #[track_caller]
+    pub fn start(opts: VmOptions) -> Vm {
+        let n = VM_SEQ.fetch_add(1, Ordering::SeqCst);
+        let test = current_test();
+        let label = format!("{test}.l2.{n}");
+        let control_path = opts.control.then(|| {
+            std::env::temp_dir().join(format!("minivmm-test-{}-{n}.sock", std::process::id()))
+        });
+        if let Some(p) = &control_path {
+            let _ = fs::remove_file(p);
+        }
+        let logs = log_dir();
+        let serial_log = logs.join(format!("{label}.log"));
+        let stderr_log = logs.join(format!("{label}.stderr.log"));
+        let bin = minivmm_bin();
+        let args = opts.args(control_path.as_deref());
+        let started = Instant::now();
+        let mut child = Command::new(&bin)
+            .args(&args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        let serial = Arc::new(Collected::default());
+        let stderr = Arc::new(Collected::default());
+        let open =
+            |p: &Path| File::create(p).unwrap_or_else(|e| panic!("create {}: {e}", p.display()));
+        let readers = vec![
+            spawn_reader(
+                child.stdout.take().expect("piped stdout"),
+                serial.clone(),
+                Some(open(&serial_log)),
+                started,
+            ),
+            spawn_reader(
+                child.stderr.take().expect("piped stderr"),
+                stderr.clone(),
+                Some(open(&stderr_log)),
+                started,
+            ),
+        ];
+        println!("[{label}] started: {} {}", bin.display(), args.join(" "));
+        Vm {
+            label,
+            stdin: child.stdin.take(),
+            child,
+            serial,
+            stderr,
+            readers,
+            cursor: 0,
+            seq: 0,
+            control_path,
+            serial_log,
+            stderr_log,
+            started,
+            boots: 0,
+            exit: None,
+        }
+    }
+
+    /// Log label (`<test>.l2.<n>`).
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// The control socket path (when started with [`VmOptions::control`]).
+    #[track_caller]
+    pub fn control_path(&self) -> &Path {
+        self.control_path
+            .as_deref()
+            .expect("the VM was started without --control")
+    }
+
+    /// Waits for the next `GUEST-READY` (the first boot, or the boot after a reboot); returns its guest
+    /// uptime in seconds.
+    #[track_caller]
+    pub fn wait_ready(&mut self) -> f64 {
+        let t0 = Instant::now();
+        let line = self.wait_for_line_with(READY_MARKER, L2_BOOT_TIMEOUT);
+        self.boots += 1;
+        let uptime = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("uptime="))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(-1.0);
+        println!(
+            "[{}] GUEST-READY #{} after {:.2}s (since start {:.2}s, guest uptime {uptime:.2}s)",
+            self.label,
+            self.boots,
+            t0.elapsed().as_secs_f64(),
+            self.started.elapsed().as_secs_f64()
+        );
+        uptime
+    }
+
+    /// Waits until `pattern` appears in not-yet-consumed output; consumes up to its end and returns the
+    /// consumed text. Fails after `timeout`, or early when minivmm exits.
+    #[track_caller]
+    pub fn wait_for(&mut self, pattern: &str, timeout: Duration) -> String {
+        let from = self.cursor;
+        let pat = pattern.as_bytes().to_vec();
+        let got = self.wait_until(timeout, &format!("{pattern:?}"), |buf| {
+            find(buf, &pat, from).map(|p| p + pat.len())
+        });
+        self.consume_to(got)
+    }
+
+    /// Like [`Vm::wait_for`], but also consumes the rest of the line and returns that whole line.
+    #[track_caller]
+    pub fn wait_for_line_with(&mut self, pattern: &str, timeout: Duration) -> String {
+        let from = self.cursor;
+        let pat = pattern.as_bytes().to_vec();
+        let (start, end) = self.wait_until(timeout, &format!("a line with {pattern:?}"), |buf| {
+            let p = find(buf, &pat, from)?;
+            let nl = find(buf, b"\n", p)?;
+            Some((p, nl + 1))
+        });
+        let line = String::from_utf8_lossy(&lock(&self.serial.state).0[start..end])
+            .trim()
+            .to_string();
+        self.consume_to(end);
+        line
+    }
+
+    fn consume_to(&mut self, end: usize) -> String {
+        let text =
+            String::from_utf8_lossy(&lock(&self.serial.state).0[self.cursor..end]).into_owned();
+        self.cursor = end;
+        text
+    }
+
+    /// Waits until `pred` over the whole serial output returns Some. Fails with the logs on timeout or when
+    /// minivmm exits first.
+    #[track_caller]
+    fn wait_until<R>(
+        &mut self,
+        timeout: Duration,
+        what: &str,
+        mut pred: impl FnMut(&[u8]) -> Option<R>,
+    ) -> R {
+        let deadline = Instant::now() + timeout;
+        loop {
+            // Short slices so that an exit of minivmm is noticed promptly.
+            let slice = (Instant::now() + Duration::from_millis(250)).min(deadline);
+            if let Some(r) = self.serial.wait(slice, &mut pred) {
+                return r;
+            }
+            if let Some(st) = self.poll_exit() {
+                // Let the reader drain what is left, then look once more.
+                self.join_readers();
+                if let Some(r) = pred(&lock(&self.serial.state).0) {
+                    return r;
+                }
+                panic!(
+                    "[{}] minivmm exited ({st}) while waiting for {what}",
+                    self.label
+                );
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "[{}] timed out after {:.0}s waiting for {what}",
+                    self.label,
+                    timeout.as_secs_f64()
+                );
+            }
+        }
+    }
+
+    fn poll_exit(&mut self) -> Option<ExitStatus> {
+        if self.exit.is_none() {
+            self.exit = self.child.try_wait().ok().flatten();
+        }
+        self.exit
+    }
+
+    fn join_readers(&mut self) {
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+    }
+
+    /// Writes raw bytes to the guest console.
+    #[track_caller]
+    pub fn write_raw(&mut self, bytes: &[u8]) {
+        let label = self.label.clone();
+        let stdin = self.stdin.as_mut().expect("stdin already closed");
+        if let Err(e) = stdin.write_all(bytes).and_then(|_| stdin.flush()) {
+            panic!("[{label}] writing to the guest console failed: {e}");
+        }
+    }
+
+    /// Types a line into the guest shell without waiting for anything.
+    #[track_caller]
+    pub fn write_line(&mut self, line: &str) {
+        println!("[{}] $ {line}", self.label);
+        self.write_raw(format!("{line}\n").as_bytes());
+    }
+
+    /// Runs a shell command in the guest and returns its output (without the trailing newline) and exit
+    /// status. `cmd` is one line, shorter than the guest line editor's limit (~1000 chars), without a
+    /// trailing `;` or `&`.
+    #[track_caller]
+    pub fn run_timeout(&mut self, cmd: &str, timeout: Duration) -> (String, i32) {
+        assert!(
+            !cmd.contains('\n') && cmd.len() < 900,
+            "guest commands must be single short lines"
+        );
+        self.seq += 1;
+        let k = self.seq;
+        self.write_raw(marked_command(k, cmd).as_bytes());
+        let from = self.cursor;
+        let (out, rc, end) =
+            self.wait_until(timeout, &format!("the end of command {cmd:?}"), |buf| {
+                let (out, rc) = parse_marked_output(&buf[from..], k)?;
+                let end_marker = format!("__MVM_E{k}=");
+                let e = find(buf, end_marker.as_bytes(), from)?;
+                let nl = find(buf, b"\n", e)?;
+                Some((out, rc, nl + 1))
+            });
+        self.cursor = end;
+        println!("[{}] $ {cmd}  -> rc={rc}, {} bytes", self.label, out.len());
+        (out, rc)
+    }
+
+    /// [`Vm::run_timeout`] with [`CMD_TIMEOUT`].
+    #[track_caller]
+    pub fn run(&mut self, cmd: &str) -> (String, i32) {
+        self.run_timeout(cmd, CMD_TIMEOUT)
+    }
+
+    /// Runs a command that must succeed; returns its trimmed output.
+    #[track_caller]
+    pub fn sh(&mut self, cmd: &str) -> String {
+        let (out, rc) = self.run(cmd);
+        assert_eq!(
+            rc, 0,
+            "[{}] guest command {cmd:?} failed (rc={rc}); output:\n{out}",
+            self.label
+        );
+        out.trim().to_string()
+    }
+
+    /// Runs a command that must print one number (the last numeric line of its output counts, so a stray
+    /// kernel message cannot confuse it).
+    #[track_caller]
+    pub fn sh_u64(&mut self, cmd: &str) -> u64 {
+        let out = self.sh(cmd);
+        out.lines()
+            .rev()
+            .find_map(|l| l.trim().parse().ok())
+            .unwrap_or_else(|| panic!("[{}] {cmd:?} printed no number: {out:?}", self.label))
+    }
+
+    /// `MemTotal` of the guest in KiB.
+    #[track_caller]
+    pub fn mem_total_kib(&mut self) -> u64 {
+        self.sh_u64("awk '/^MemTotal:/ {print $2}' /proc/meminfo")
+    }
+
+    /// Number of online CPUs in the guest.
+    #[track_caller]
+    pub fn nproc(&mut self) -> u64 {
+        self.sh_u64("nproc")
+    }
+
+    /// True when `path` exists in the guest.
+    #[track_caller]
+    pub fn exists(&mut self, path: &str) -> bool {
+        self.run(&format!("test -e {}", shell_quote(path))).1 == 0
+    }
+
+    /// Polls `check` every `interval` until it returns true; fails after `timeout` with `what`.
+    #[track_caller]
+    pub fn poll(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut check: impl FnMut(&mut Vm) -> bool,
+    ) -> Duration {
+        let t0 = Instant::now();
+        let interval = Duration::from_millis(100);
+        loop {
+            if check(self) {
+                let took = t0.elapsed();
+                println!("[{}] {what}: after {:.2}s", self.label, took.as_secs_f64());
+                return took;
+            }
+            if t0.elapsed() >= timeout {
+                panic!(
+                    "[{}] timed out after {:.0}s waiting until {what}",
+                    self.label,
+                    timeout.as_secs_f64()
+                );
+            }
+            thread::sleep(interval);
+        }
+    }
+
+    /// Connects to the control socket (retrying while minivmm creates it).
+    #[track_caller]
+    pub fn control_connect(&mut self) -> UnixStream {
+        let path = self.control_path().to_path_buf();
+        let deadline = Instant::now() + CONTROL_TIMEOUT;
+        loop {
+            match UnixStream::connect(&path) {
+                Ok(s) => {
+                    let _ = s.set_read_timeout(Some(CONTROL_TIMEOUT));
+                    let _ = s.set_write_timeout(Some(CONTROL_TIMEOUT));
+                    return s;
+                }
+                Err(e) => {
+                    if let Some(st) = self.poll_exit() {
+                        panic!(
+                            "[{}] minivmm exited ({st}) before accepting control connections",
+                            self.label
+                        );
+                    }
+                    if Instant::now() >= deadline {
+                        panic!(
+                            "[{}] cannot connect to the control socket {}: {e}",
+                            self.label,
+                            path.display()
+                        );
+                    }
+                    thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+
+    /// Sends one request line and returns the reply line (without the newline).
+    pub fn control(&mut self, line: &str) -> String {
+        let reply = self.control_raw(format!("{line}\n").as_bytes());
+        println!("[{}] control {line:?} -> {reply:?}", self.label);
+        reply
+    }
+
+    /// Sends raw bytes on a fresh connection and returns the first reply line.
+    #[track_caller]
+    pub fn control_raw(&mut self, bytes: &[u8]) -> String {
+        let mut s = self.control_connect();
+        if let Err(e) = s.write_all(bytes) {
+            panic!("[{}] control write: {e}", self.label);
+        }
+        read_reply(&mut s).unwrap_or_else(|e| panic!("[{}] control reply: {e}", self.label))
+    }
+
+    /// `info` parsed into key/value pairs (fails unless the reply starts with `ok`).
+    #[track_caller]
+    pub fn info(&mut self) -> HashMap<String, String> {
+        let reply = self.control("info");
+        parse_ok_reply(&reply)
+            .unwrap_or_else(|| panic!("[{}] bad info reply {reply:?}", self.label))
+    }
+
+    /// Waits for minivmm to exit and returns its exit code; fails after `timeout` or on death by signal.
+    #[track_caller]
+    pub fn wait_exit(&mut self, timeout: Duration) -> i32 {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(st) = self.poll_exit() {
+                break st;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "[{}] minivmm did not exit within {:.0}s",
+                    self.label,
+                    timeout.as_secs_f64()
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        };
+        self.join_readers();
+        let code = status.code().unwrap_or_else(|| {
+            panic!("[{}] minivmm was killed by a signal ({status})", self.label)
+        });
+        println!(
+            "[{}] minivmm exited with code {code} after {:.2}s",
+            self.label,
+            self.started.elapsed().as_secs_f64()
+        );
+        code
+    }
+
+    /// Everything the guest printed so far.
+    pub fn console(&self) -> String {
+        self.serial.text()
+    }
+
+    /// Everything minivmm printed on stderr so far.
+    pub fn stderr_text(&self) -> String {
+        self.stderr.text()
+    }
+
+    /// Number of serial bytes received so far.
+    pub fn console_len(&self) -> usize {
+        self.serial.len()
+    }
+
+    fn report_logs(&self, failing: bool) {
+        let (serial, stderr) = (self.serial.text(), self.stderr.text());
+        if is_inner_run() {
+            // The share is read-only: the console of the emulated host carries the logs out.
+            let (s, e) = if failing {
+                (tail(&serial, TAIL_LINES), tail(&stderr, TAIL_LINES))
+            } else {
+                (serial.replace('\r', ""), stderr)
+            };
+            println!(
+                "--- [{}] L2 serial log ---\n{s}\n--- [{}] minivmm stderr ---\n{e}\n--- end ---",
+                self.label, self.label
+            );
+        } else if failing {
+            println!(
+                "--- [{}] L2 serial log (tail; full: {}) ---\n{}\n--- [{}] minivmm stderr (tail; full: {}) ---\n{}\n--- end ---",
+                self.label,
+                self.serial_log.display(),
+                tail(&serial, TAIL_LINES),
+                self.label,
+                self.stderr_log.display(),
+                tail(&stderr, TAIL_LINES)
+            );
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        if self.poll_exit().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        self.join_readers();
+        self.report_logs(thread::panicking());
+        if let Some(p) = &self.control_path {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
+/// Reads one `\n`-terminated reply line (without the newline).
+pub fn read_reply(s: &mut UnixStream) -> std::io::Result<String> {
+    let mut out = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        match s.read(&mut b)? {
+            0 if out.is_empty() => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "connection closed, no reply",
+                ))
+            }
+            0 => break,
+            _ if b[0] == b'\n' => break,
+            _ => out.push(b[0]),
+        }
+    }
+    Ok(String::from_utf8_lossy(&out)
+        .trim_end_matches('\r')
+        .to_string())
+}
+
+/// Parses `ok k=v k=v ...` into a map; None unless the reply is `ok`.
+pub fn parse_ok_reply(reply: &str) -> Option<HashMap<String, String>> {
+    let mut words = reply.split_whitespace();
+    if words.next()? != "ok" {
+        return None;
+    }
+    Some(
+        words
+            .filter_map(|w| {
+                w.split_once('=')
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+            })
+            .collect(),
+    )
+}
+
+/// Asserts that `reply` is `ok` and that each `key=value` of `expect` is in it.
+#[track_caller]
+pub fn assert_reply(reply: &str, expect: &[(&str, &str)]) {
+    let kv = parse_ok_reply(reply).unwrap_or_else(|| panic!("expected an ok reply, got {reply:?}"));
+    for (k, v) in expect {
+        assert_eq!(
+            kv.get(*k).map(String::as_str),
+            Some(*v),
+            "field {k} of reply {reply:?}"
+        );
+    }
+}
+
+// ------------------------------------------------------------------------------------------------------
+// Running minivmm without a guest (argument errors)
+// ------------------------------------------------------------------------------------------------------
+
+/// Output of a minivmm run that was expected to end on its own.
+#[derive(Debug)]
+pub struct Finished {
+    /// Exit code (None when killed by a signal).
+    pub code: Option<i32>,
+    /// Everything written to stdout.
+    pub stdout: String,
+    /// Everything written to stderr.
+    pub stderr: String,
+}
+
+/// Runs minivmm with `args` and no stdin; kills it after `timeout` (and fails).
+pub fn run_minivmm(args: &[&str], timeout: Duration) -> Finished {
+    let bin = minivmm_bin();
+    let mut child = Command::new(&bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+    let start = Instant::now();
+    let (out, err) = (
+        Arc::new(Collected::default()),
+        Arc::new(Collected::default()),
+    );
+    let readers = [
+        spawn_reader(
+            child.stdout.take().expect("piped stdout"),
+            out.clone(),
+            None,
+            start,
+        ),
+        spawn_reader(
+            child.stderr.take().expect("piped stderr"),
+            err.clone(),
+            None,
+            start,
+        ),
+    ];
+    let status = loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            break st;
+        }
+        if start.elapsed() >= timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "minivmm {args:?} did not exit within {:.0}s",
+                timeout.as_secs_f64()
+            );
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    for r in readers {
+        let _ = r.join();
+    }
+    Finished {
+        code: status.code(),
+        stdout: out.text(),
+        stderr: err.text(),
+    }
+}
+
+// ------------------------------------------------------------------------------------------------------
+// Tests of the harness itself (pure parts)
+// ------------------------------------------------------------------------------------------------------
+
+/// Self-tests of the harness's pure helpers; called from one `#[test]` per test crate.
+pub fn self_test() {
+    // Marker protocol: the echoed command never matches, the real output does.
+    let cmd = marked_command(7, "nproc");
+    let echoed = cmd.replace('\n', "\r\n");
+    let mut console = format!("guest# {echoed}").into_bytes();
+    assert_eq!(
+        parse_marked_output(&console, 7),
+        None,
+        "the echo alone must not match"
+    );
+    console.extend_from_slice(b"__MVM_B7\r\n2\r\n__MVM_E7=0\r\nguest# ");
+    assert_eq!(parse_marked_output(&console, 7), Some(("2".to_string(), 0)));
+    assert_eq!(parse_marked_output(&console, 8), None);
+    let c = b"__MVM_B3\r\nabc__MVM_E3=127\r\n";
+    assert_eq!(parse_marked_output(c, 3), Some(("abc".to_string(), 127)));
+    let c = b"__MVM_B4\n__MVM_E4=1\n";
+    assert_eq!(parse_marked_output(c, 4), Some((String::new(), 1)));
+    assert_eq!(
+        parse_marked_output(b"__MVM_B5\nx\n__MVM_E5=", 5),
+        None,
+        "incomplete status line"
+    );
+
+    // Host choice.
+    let hw = HostFacts {
+        dev_kvm: true,
+        hw_virt: true,
+        pvm: false,
+        qemu: false,
+    };
+    assert_eq!(
+        choose_test_host(&hw, None).map(|r| r.0),
+        Ok(TestHost::Direct)
+    );
+    let pvm = HostFacts {
+        dev_kvm: true,
+        hw_virt: false,
+        pvm: true,
+        qemu: true,
+    };
+    assert_eq!(
+        choose_test_host(&pvm, None).map(|r| r.0),
+        Ok(TestHost::Emulated)
+    );
+    assert_eq!(
+        choose_test_host(&pvm, Some("direct")).map(|r| r.0),
+        Ok(TestHost::Direct)
+    );
+    let bare = HostFacts::default();
+    let err = choose_test_host(&bare, None).unwrap_err();
+    assert!(err.contains("qemu-system-x86"), "{err}");
+    assert!(choose_test_host(&bare, Some("emulated")).is_err());
+    assert!(choose_test_host(&hw, Some("bogus")).is_err());
+    assert!(cpu_has_hw_virt("flags\t\t: fpu vme svm lm\n"));
+    assert!(!cpu_has_hw_virt(
+        "flags\t\t: fpu vme lm\nmodel name : svm-like\n"
+    ));
+
+    // L1 console parsing.
+    let l1 = "MVM-L1-STEP 2.86 init\nMVM-L1-STEP 5.46 running /x.sh\nnoise\nMVM-L1-RESULT rc=3\n";
+    assert_eq!(parse_l1_result(l1), Some(3));
+    assert_eq!(parse_l1_result("MVM-L1-STEP 1 init\n"), None);
+    assert_eq!(parse_l1_step(l1, "init"), Some(2.86));
+    assert_eq!(parse_l1_step(l1, "running"), Some(5.46));
+
+    // Replies.
+    let kv = parse_ok_reply("ok cpus=2 removing=none").expect("ok reply");
+    assert_eq!(kv.get("cpus").map(String::as_str), Some("2"));
+    assert!(parse_ok_reply("error nope").is_none());
+    assert_eq!(shell_quote("a'b"), "'a'\\''b'");
+    assert_eq!(tail("a\r\nb\nc\n", 2), "b\nc");
+    let mut st = LineStamper::new(Instant::now());
+    assert!(st.feed(b"par").is_empty(), "a partial line is held back");
+    let a = String::from_utf8(st.feed(b"tial\r\nnext\nlast")).expect("utf8");
+    let b = String::from_utf8(st.finish()).expect("utf8");
+    let lines: Vec<&str> = a.lines().chain(b.lines()).collect();
+    assert_eq!(lines.len(), 3, "{a}{b}");
+    assert!(
+        lines[0].starts_with('[') && lines[0].ends_with("] partial"),
+        "{a}"
+    );
+    assert!(
+        lines[1].ends_with("] next") && lines[2].ends_with("] last"),
+        "{a}{b}"
+    );
+    let log = "[   1.500] a\n[   2.250] MVM-L1-STEP 3.1 init\n";
+    assert_eq!(stamp_of(log, "STEP"), Some(2.25));
+    assert_eq!(stamp_of("[   1.500] a\n", "STEP"), None);
+    let c =
+        "x\r\nthread 't' panicked at tests/x.rs:3:4:\r\nboom\nnote: run with RUST_BACKTRACE=1\n";
+    assert_eq!(
+        inner_panics(c),
+        "thread 't' panicked at tests/x.rs:3:4:\nboom"
+    );
+    assert_eq!(inner_panics("all fine\n"), "(no panic message found)");
+}

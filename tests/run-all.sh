@@ -1,0 +1,43 @@
+#!/bin/bash
+# THE minivmm test command: formatting, lints, guest images, then every test (unit tests and the real-Linux
+# boot tests, which run on hardware KVM directly or inside the emulated test host; see tests/common/mod.rs).
+# Runs every step even after a failure, prints a timing summary, and exits non-zero if any step failed.
+#
+# Usage: tests/run-all.sh [extra cargo test arguments, e.g. -- --test-threads=1]
+set -uo pipefail
+cd "$(dirname "$(readlink -f "$0")")/.." || exit 1
+
+declare -a SUMMARY=()
+FAILED=0
+T0=$SECONDS
+
+step() {
+	local name="$1"
+	shift
+	echo
+	echo "=== run-all: $name: $*"
+	local t=$SECONDS rc=0
+	"$@" || rc=$?
+	local took=$((SECONDS - t))
+	if [[ $rc == 0 ]]; then
+		SUMMARY+=("$(printf '  %-8s ok      %4ds' "$name" "$took")")
+	else
+		SUMMARY+=("$(printf '  %-8s FAILED  %4ds  (exit %d)' "$name" "$took" "$rc")")
+		FAILED=1
+	fi
+	echo "=== run-all: $name: $([[ $rc == 0 ]] && echo ok || echo "FAILED (exit $rc)") in ${took}s"
+}
+
+step fmt cargo fmt --check
+step clippy cargo clippy --all-targets -- -D warnings
+step images tests/guest/build-images.sh
+step test cargo test "$@"
+
+echo
+echo "=== run-all summary (total $((SECONDS - T0))s; logs in target/test-logs/)"
+printf '%s\n' "${SUMMARY[@]}"
+if [[ $FAILED != 0 ]]; then
+	echo "=== run-all: FAILED"
+	exit 1
+fi
+echo "=== run-all: all passed"
