@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use crate::arch::x86_64::layout::{CMDLINE_MAX_SIZE, MAX_VCPUS, MEMORY_HOTPLUG_ALIGN};
 
 /// Kernel command line used when `--cmdline` is absent.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
 /// Boot RAM used when `--memory` (or its `size=` key) is absent: 512 MiB.
 pub const DEFAULT_MEMORY_SIZE: u64 = 512 << 20;
 /// Smallest boot RAM accepted: 64 MiB.
@@ -33,7 +33,7 @@ Options:
   --kernel PATH              guest kernel, bzImage or ELF vmlinux (required)
   --initramfs PATH           initramfs image handed to the kernel
   --cmdline \"ARGS\"           kernel command line
-                             (default: \"console=ttyS0 reboot=k panic=1\")
+                             (default: \"console=ttyS0 reboot=k panic=1 pci=off\")
   --cpus boot=N[,max=M]      vCPUs at boot and the most vCPUs hotplug may reach,
                              1 <= N <= M <= 254 (default: boot=1, max=boot)
   --memory size=SIZE[,hotplug_size=SIZE]
@@ -713,7 +713,7 @@ mod tests {
     fn minimal_command_line_uses_defaults() {
         let config = run(&["--kernel", "/boot/vmlinuz"]);
         assert_eq!(config, VmConfig::new(PathBuf::from("/boot/vmlinuz")));
-        assert_eq!(config.cmdline, "console=ttyS0 reboot=k panic=1");
+        assert_eq!(config.cmdline, "console=ttyS0 reboot=k panic=1 pci=off");
         assert_eq!(config.cpus, CpuConfig { boot: 1, max: 1 });
         assert_eq!(
             config.memory,

@@ -118,7 +118,7 @@ fn boot_two_vcpus_plain_reboot_poweroff() {
 #[test]
 fn no_reboot_exits_with_2() {
     run_in_test_host("no_reboot_exits_with_2", || {
-        let mut vm = Vm::boot(VmOptions::bzimage().no_reboot());
+        let mut vm = Vm::boot(VmOptions::elf().no_reboot());
         vm.write_line("reboot -f");
         assert_eq!(
             vm.wait_exit(EXIT_TIMEOUT),
@@ -127,7 +127,7 @@ fn no_reboot_exits_with_2() {
         );
         drop(vm);
 
-        let mut vm = Vm::boot(VmOptions::bzimage().no_reboot());
+        let mut vm = Vm::boot(VmOptions::elf().no_reboot());
         vm.write_line("reboot");
         assert_eq!(
             vm.wait_exit(EXIT_TIMEOUT),

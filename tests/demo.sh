@@ -19,7 +19,7 @@ BIN="$ROOT/target/debug/minivmm"
 CACHE="$ROOT/tests/.cache"
 SOCK=/tmp/minivmm-demo.sock
 ARGS=(--kernel "$CACHE/kernel/vmlinuz" --initramfs "$CACHE/l2-initramfs.gz"
-	--cmdline "console=ttyS0 reboot=k panic=1 quiet memhp_default_state=online"
+	--cmdline "console=ttyS0 reboot=k panic=1 pci=off quiet"
 	--cpus boot=1,max=4 --memory size=512M,hotplug_size=2G --control "$SOCK")
 
 host="${MINIVMM_DEMO_HOST:-}"

@@ -17,8 +17,10 @@ use std::time::Duration;
 const HOTPLUG_TIMEOUT: Duration = Duration::from_secs(20);
 const MIB: u64 = 1024; // in KiB, as /proc/meminfo counts
 
+/// The ELF vmlinux (PVH entry) of the same Debian kernel: it skips the XZ self-decompression,
+/// which costs several seconds per boot in the emulated test host. tests/boot.rs boots the bzImage.
 fn hotplug_vm() -> VmOptions {
-    VmOptions::bzimage()
+    VmOptions::elf()
         .cpus("boot=1,max=4")
         .memory("size=512M,hotplug_size=2G")
         .control()
@@ -163,6 +165,13 @@ fn hotplug_memory_grow_and_shrink_on_reboot() {
         }
         let base = vm.mem_total_kib();
         println!("MemTotal at boot: {base} kB");
+        let cmdline = vm.sh("cat /proc/cmdline");
+        assert!(
+            cmdline
+                .split_whitespace()
+                .any(|w| w == "memhp_default_state=online"),
+            "minivmm appends memhp_default_state=online with a hotplug window: {cmdline}"
+        );
 
         // +1 GiB.
         let reply = vm.control("resize mem=1536M");
