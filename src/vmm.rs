@@ -383,6 +383,8 @@ impl Vmm {
         if let Some(mut machine) = self.machine.take() {
             stop_all(&mut machine);
         }
+        // Events of the old machine's vCPUs must not reach the next one.
+        while self.events_rx.try_recv().is_ok() {}
     }
 
     /// Rebuilds the VM for the next boot (current vCPU count, pending RAM size).
@@ -452,6 +454,10 @@ impl Vmm {
         let Some(machine) = self.machine.as_mut() else {
             return;
         };
+        if lock(&machine.devices.cpu_hp).is_enabled(cpu) {
+            // A stale event: the CPU was added again since the guest ejected it.
+            return;
+        }
         let Some(slot) = machine.vcpus.get_mut(cpu as usize) else {
             return;
         };
