@@ -1,0 +1,99 @@
+//! Tiny freestanding PVH guests: a 64-bit ELF with a Xen PVH entry note around a few bytes of
+//! 32-bit code. Shared by tests/tiny_guest.rs and benches/startup.rs.
+
+#![allow(dead_code)]
+
+/// Guest-physical load address (and PVH entry point) of the code.
+pub const LOAD_ADDR: u32 = 0x10_0000;
+
+/// Builds a 64-bit ELF with one PT_LOAD of `code` at 1 MiB and a Xen PVH entry note.
+pub fn pvh_elf(code: &[u8]) -> Vec<u8> {
+    let ehdr_size = 64u64;
+    let phdr_size = 56u64;
+    let note_off = ehdr_size + 2 * phdr_size;
+    let mut note = Vec::new();
+    note.extend_from_slice(&4u32.to_le_bytes()); // namesz ("Xen\0")
+    note.extend_from_slice(&4u32.to_le_bytes()); // descsz
+    note.extend_from_slice(&18u32.to_le_bytes()); // XEN_ELFNOTE_PHYS32_ENTRY
+    note.extend_from_slice(b"Xen\0");
+    note.extend_from_slice(&LOAD_ADDR.to_le_bytes());
+    let code_off = (note_off + note.len() as u64 + 15) & !15;
+
+    let mut f = Vec::new();
+    f.extend_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0]);
+    f.extend_from_slice(&[0; 8]);
+    f.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    f.extend_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+    f.extend_from_slice(&1u32.to_le_bytes());
+    f.extend_from_slice(&u64::from(LOAD_ADDR).to_le_bytes()); // e_entry
+    f.extend_from_slice(&ehdr_size.to_le_bytes()); // e_phoff
+    f.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+    f.extend_from_slice(&0u32.to_le_bytes()); // flags
+    f.extend_from_slice(&(ehdr_size as u16).to_le_bytes());
+    f.extend_from_slice(&(phdr_size as u16).to_le_bytes());
+    f.extend_from_slice(&2u16.to_le_bytes()); // e_phnum
+    f.extend_from_slice(&64u16.to_le_bytes()); // e_shentsize
+    f.extend_from_slice(&0u16.to_le_bytes());
+    f.extend_from_slice(&0u16.to_le_bytes());
+    let phdr = |f: &mut Vec<u8>, kind: u32, flags: u32, off: u64, addr: u64, size: u64| {
+        f.extend_from_slice(&kind.to_le_bytes());
+        f.extend_from_slice(&flags.to_le_bytes());
+        f.extend_from_slice(&off.to_le_bytes());
+        f.extend_from_slice(&addr.to_le_bytes());
+        f.extend_from_slice(&addr.to_le_bytes());
+        f.extend_from_slice(&size.to_le_bytes());
+        f.extend_from_slice(&size.to_le_bytes());
+        f.extend_from_slice(&16u64.to_le_bytes());
+    };
+    phdr(
+        &mut f,
+        1,
+        7,
+        code_off,
+        u64::from(LOAD_ADDR),
+        code.len() as u64,
+    ); // PT_LOAD
+    phdr(&mut f, 4, 4, note_off, 0, note.len() as u64); // PT_NOTE
+    f.extend_from_slice(&note);
+    f.resize(code_off as usize, 0);
+    f.extend_from_slice(code);
+    f
+}
+
+/// 32-bit code: print the NUL-terminated string that follows the code on COM1, then run `tail`.
+pub fn print_then(msg: &str, tail: &[u8]) -> Vec<u8> {
+    let mut c = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
+    let msg_at_patch = c.len() + 1;
+    c.extend_from_slice(&[0xbe, 0, 0, 0, 0]); // mov esi, msg
+    c.extend_from_slice(&[0xac, 0x84, 0xc0, 0x74, 0x03, 0xee, 0xeb, 0xf8]); // lodsb; test; jz; out; jmp
+    c.extend_from_slice(tail);
+    let msg_addr = LOAD_ADDR + c.len() as u32;
+    c[msg_at_patch..msg_at_patch + 4].copy_from_slice(&msg_addr.to_le_bytes());
+    c.extend_from_slice(msg.as_bytes());
+    c.push(0);
+    c
+}
+
+/// Writes 0x34 (SLP_TYP 5 | SLP_EN) to the ACPI sleep control port: S5.
+pub const POWER_OFF: &[u8] = &[0x66, 0xba, 0x00, 0x06, 0xb0, 0x34, 0xee, 0xf4, 0xeb, 0xfd];
+/// Writes 1 to the ACPI reset port.
+pub const RESET: &[u8] = &[0x66, 0xba, 0x02, 0x06, 0xb0, 0x01, 0xee, 0xf4, 0xeb, 0xfd];
+/// `ud2` with no IDT: the exception cannot be delivered and the vCPU triple-faults.
+pub const TRIPLE_FAULT: &[u8] = &[0x0f, 0x0b];
+
+/// Echo loop: copy COM1 input to COM1 output until a '!' arrives, then power off.
+pub fn echo_until_bang() -> Vec<u8> {
+    let mut c = vec![
+        0x66, 0xba, 0xfd, 0x03, // wait: mov dx, 0x3fd (LSR)
+        0xec, // in al, dx
+        0xa8, 0x01, // test al, 1 (data ready)
+        0x74, 0xf8, // jz wait (-8)
+        0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0xec, // in al, dx
+        0xee, // out dx, al
+        0x3c, b'!', // cmp al, '!'
+        0x75, 0xed, // jne wait (-19)
+    ];
+    c.extend_from_slice(POWER_OFF);
+    c
+}
