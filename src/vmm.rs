@@ -1,7 +1,7 @@
 //! The VMM: builds a machine (VM, devices, guest image, vCPU threads) from the configuration,
 //! rebuilds it on reboot, and applies runtime resize requests (CPU and memory hotplug).
 //!
-//! A [`Machine`] lives for one boot. The [`Vmm`] outlives reboots and keeps what must persist:
+//! A `Machine` lives for one boot. The [`Vmm`] outlives reboots and keeps what must persist:
 //! the configuration, the open kernel files, the event channels and the sizes for the next boot.
 
 use std::fs::File;

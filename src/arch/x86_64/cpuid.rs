@@ -32,7 +32,7 @@ const LEAF1_ECX_PDCM: u32 = 1 << 15;
 pub const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 /// Leaf 1 ECX bit 31: running under a hypervisor.
 pub const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
-/// Leaf 1 EDX bit 28: HTT (leaf 1 EBX[23:16] is valid / multi-processor package).
+/// Leaf 1 EDX bit 28: HTT (leaf 1 `EBX[23:16]` is valid / multi-processor package).
 pub const LEAF1_EDX_HTT: u32 = 1 << 28;
 /// CLFLUSH line size in 8-byte units (64 bytes).
 const CLFLUSH_LINE_SIZE: u32 = 8;
@@ -84,8 +84,8 @@ pub fn apic_id_bits(count: u32) -> u32 {
     }
 }
 
-/// Patches KVM_GET_SUPPORTED_CPUID output for vCPU `id` of `max_vcpus`: leaf 1 EBX[31:24] APIC ID
-/// = id, EBX[23:16] logical count, CLFLUSH 8, ECX hypervisor bit + TSC-deadline, EDX HTT when
+/// Patches KVM_GET_SUPPORTED_CPUID output for vCPU `id` of `max_vcpus`: leaf 1 `EBX[31:24]` APIC ID
+/// = id, `EBX[23:16]` logical count, CLFLUSH 8, ECX hypervisor bit + TSC-deadline, EDX HTT when
 /// max_vcpus > 1; leaf 0xB (and 0x1F if present) EDX x2APIC id and level shifts/counts sized for
 /// max_vcpus (one thread per core, cores per package = max_vcpus); leaf 4 (Intel) cores field
 /// consistent; AMD: 0x8000_0001 ECX CmpLegacy/TOPOEXT consistent, 0x8000_0008 ECX thread

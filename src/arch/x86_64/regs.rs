@@ -153,7 +153,7 @@ pub fn boot_fpu() -> kvm_fpu {
     }
 }
 
-/// Identity map of the first 1 GiB with 2 MiB pages: (PML4[0], PDPTE[0], PDE[0..512]).
+/// Identity map of the first 1 GiB with 2 MiB pages: (`PML4[0]`, `PDPTE[0]`, `PDE[0..512]`).
 pub fn identity_map_tables() -> (u64, u64, Vec<u64>) {
     let pde = (0..ENTRIES_PER_TABLE as u64)
         .map(|i| (i << 21) | PDE_2M_PAGE)
