@@ -30,6 +30,7 @@ step() {
 
 step fmt cargo fmt --check
 step clippy cargo clippy --all-targets -- -D warnings
+step doc env RUSTDOCFLAGS="-D warnings" cargo doc --no-deps
 step images tests/guest/build-images.sh
 step test cargo test "$@"
 
