@@ -565,3 +565,36 @@ fn dump_acpi_writes_tables_that_iasl_accepts() {
         assert!(dsl.contains(name), "DSDT lacks {name}");
     }
 }
+
+#[test]
+fn ram_above_the_32bit_hole_and_a_window_after_it() {
+    // 3.5 GiB: 3 GiB below the MMIO hole and 512 MiB from 4 GiB; the hotplug window follows.
+    // Guest RAM is mapped lazily, so this costs the host almost nothing.
+    let vm = Controlled::start("high", &["--memory", "size=3584M,hotplug_size=1G"]);
+    let mut c = vm.connect();
+    let info = c.ask("info");
+    assert_eq!(
+        (field(&info, "mem"), field(&info, "max_mem")),
+        ("3584M", "4608M"),
+        "{info}"
+    );
+    let r = c.ask("resize mem=4G");
+    assert_eq!(field(&r, "mem"), "4G", "{r}");
+    let r = c.ask("resize mem=4608M");
+    assert_eq!(field(&r, "mem"), "4608M", "{r}");
+    assert_eq!(field(&c.ask("info"), "hotplug_slots_free"), "6");
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", vm.child.id())).expect("status");
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS");
+    assert!(
+        rss_kib < 64 * 1024,
+        "4.5 GiB of guest RAM must be mapped lazily; RSS is {rss_kib} kB"
+    );
+    assert_eq!(c.ask("shutdown"), "ok shutting down");
+    assert_eq!(vm.wait(), 0);
+}
