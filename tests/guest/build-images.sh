@@ -288,12 +288,25 @@ mount -t sysfs sysfs "$R/sys" || fail "mount sysfs in the chroot"
 mount -t devtmpfs devtmpfs "$R/dev" || fail "mount devtmpfs in the chroot"
 mkdir -p "$R/dev/pts" "$R/dev/shm"
 mount -t devpts -o newinstance,ptmxmode=0666 devpts "$R/dev/pts" || fail "mount devpts in the chroot"
+# The share is read-only: writable tmpfs on /tmp and /run. A checkout that lives under the host's /tmp
+# or /run (a CI clone, say) stays visible: its directory is bound back over the tmpfs.
+mkdir -p /host-tmp /host-run
+mount -o bind "$R/tmp" /host-tmp || fail "bind the host's /tmp"
+mount -o bind "$R/run" /host-run || fail "bind the host's /run"
 mount -t tmpfs tmpfs "$R/tmp" || fail "mount tmpfs on /tmp in the chroot"
 mount -t tmpfs tmpfs "$R/run" || fail "mount tmpfs on /run in the chroot"
 mount -t tmpfs tmpfs "$R/dev/shm"
+case "$cwd" in
+/tmp/?*) keep="/host-tmp/${cwd#/tmp/}" ;;
+/run/?*) keep="/host-run/${cwd#/run/}" ;;
+*) keep= ;;
+esac
+if [ -n "$keep" ]; then
+	mkdir -p "$R$cwd" && mount -o bind "$keep" "$R$cwd" || fail "bind $cwd back over the tmpfs"
+fi
 step "host root mounted"
 
-[ -r "$R$run" ] || fail "$run is not readable through the 9p share (/tmp and /run of the host are hidden by tmpfs)"
+[ -r "$R$run" ] || fail "$run is not readable through the 9p share (outside the working directory, /tmp and /run of the host are hidden by tmpfs)"
 step "running $run"
 chroot "$R" /usr/bin/env -i \
 	PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp TMPDIR=/tmp LANG=C.UTF-8 \
