@@ -16,7 +16,8 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::acpi::{self, AcpiConfig};
-use crate::arch::x86_64::{boot, layout, memory, regs};
+use crate::arch::x86_64::layout::{self, ports};
+use crate::arch::x86_64::{boot, memory, regs};
 use crate::config::{format_size, VmConfig};
 use crate::control::{ControlTarget, VmInfo};
 use crate::devices::acpi_pm::AcpiPm;
@@ -77,6 +78,9 @@ struct VcpuSlot {
     parked: Option<VcpuFd>,
     thread: Option<VcpuThread>,
 }
+
+/// A device as the buses hold it.
+type SharedDevice = Arc<Mutex<dyn BusDevice>>;
 
 /// Devices of one boot that the VMM drives directly (besides the buses).
 struct Devices {
@@ -251,79 +255,14 @@ impl Vmm {
         let max_cpus = self.config.cpus.max;
         let vm = Vm::new(&self.kvm, &memory::ram_regions(spec.mem))?;
 
-        // Guest image.
-        self.kernel
-            .seek(SeekFrom::Start(0))
-            .map_err(|e| VmmError::Image(self.config.kernel.display().to_string(), e))?;
-        let kernel = boot::load_kernel(vm.memory(), &mut self.kernel)?;
-        let initrd = match (&mut self.initramfs, &self.config.initramfs) {
-            (Some(file), Some(path)) => {
-                file.seek(SeekFrom::Start(0))
-                    .map_err(|e| VmmError::Image(path.display().to_string(), e))?;
-                Some(boot::load_initramfs(vm.memory(), file, &kernel, spec.mem)?)
-            }
-            _ => None,
-        };
-        boot::configure_system(vm.memory(), &kernel, &self.cmdline, initrd, spec.mem)?;
-        let tables = acpi::build(&acpi_config(spec.cpus, max_cpus, spec.mem, self.max_mem()))?;
-        acpi::write(vm.memory(), &tables)?;
+        let kernel = self.load_guest(&vm, spec)?;
 
-        // Devices.
         vm.register_irqfd(&self.serial_irq, layout::irq::COM1)?;
         vm.register_irqfd(&self.ged_irq, layout::irq::GED)?;
         let window = memory::hotplug_window(spec.mem, self.max_mem() - spec.mem);
-        let trigger = |e: &EventFd| -> Result<Arc<dyn Trigger>, VmmError> {
-            Ok(Arc::new(e.try_clone().map_err(VmmError::EventFd)?))
-        };
-        let serial = Arc::new(Mutex::new(SerialDevice::new(
-            trigger(&self.serial_irq)?,
-            trigger(&self.input_room)?,
-            Box::new(self.serial_out.clone()),
-        )));
-        let devices = Devices {
-            serial,
-            ged: Arc::new(Mutex::new(Ged::new(trigger(&self.ged_irq)?))),
-            cpu_hp: Arc::new(Mutex::new(CpuHotplug::new(max_cpus, spec.cpus))),
-            mem_hp: Arc::new(Mutex::new(MemHotplug::new(hotplug_slots(&window)))),
-        };
-        let mut pio = Bus::new();
-        let serial_dev: Arc<Mutex<dyn BusDevice>> = devices.serial.clone();
-        pio.insert(
-            u64::from(layout::ports::COM1),
-            u64::from(layout::ports::COM1_SIZE),
-            serial_dev,
-        )?;
-        pio.insert(
-            u64::from(layout::ports::RTC_INDEX),
-            2,
-            Arc::new(Mutex::new(Rtc::with_system_clock())),
-        )?;
-        pio.insert(
-            u64::from(layout::ports::I8042_DATA),
-            5,
-            Arc::new(Mutex::new(I8042::new())),
-        )?;
-        pio.insert(
-            u64::from(layout::ports::ACPI_SLEEP_CONTROL),
-            3,
-            Arc::new(Mutex::new(AcpiPm::new())),
-        )?;
-        let mut mmio = Bus::new();
-        let ged_dev: Arc<Mutex<dyn BusDevice>> = devices.ged.clone();
-        let cpu_dev: Arc<Mutex<dyn BusDevice>> = devices.cpu_hp.clone();
-        let mem_dev: Arc<Mutex<dyn BusDevice>> = devices.mem_hp.clone();
-        mmio.insert(layout::GED_START, layout::GED_SIZE, ged_dev)?;
-        mmio.insert(layout::CPU_HOTPLUG_START, layout::CPU_HOTPLUG_SIZE, cpu_dev)?;
-        mmio.insert(layout::MEM_HOTPLUG_START, layout::MEM_HOTPLUG_SIZE, mem_dev)?;
-        let ctx = VcpuContext {
-            pio: Arc::new(pio),
-            mmio: Arc::new(mmio),
-            events: self.sink.clone(),
-            seccomp: self.vcpu_filter.clone(),
-        };
+        let (devices, ctx) = self.build_devices(spec, &window)?;
 
         // vCPUs: the BSP gets the boot registers; APs wait in KVM for the guest's INIT/SIPI.
-        let mut vcpus: Vec<VcpuSlot> = (0..max_cpus).map(|_| VcpuSlot::default()).collect();
         let mut fds = Vec::with_capacity(spec.cpus as usize);
         for id in 0..spec.cpus {
             let fd = vm.create_vcpu(id, max_cpus)?;
@@ -336,22 +275,20 @@ impl Vmm {
             vm,
             devices,
             ctx,
-            vcpus: Vec::new(),
+            vcpus: (0..max_cpus).map(|_| VcpuSlot::default()).collect(),
             boot_mem: spec.mem,
             window,
             hotplugged: 0,
         };
         for (id, fd) in fds.into_iter().enumerate() {
             match VcpuThread::spawn(id as u32, fd, machine.ctx.clone()) {
-                Ok(t) => vcpus[id].thread = Some(t),
+                Ok(t) => machine.vcpus[id].thread = Some(t),
                 Err(e) => {
-                    machine.vcpus = vcpus;
                     stop_all(&mut machine);
                     return Err(e.into());
                 }
             }
         }
-        machine.vcpus = vcpus;
         self.machine = Some(machine);
         self.target_cpus = spec.cpus;
         self.removal_since = None;
@@ -366,6 +303,94 @@ impl Vmm {
             started.elapsed()
         );
         Ok(())
+    }
+
+    /// Loads the kernel, the initramfs, the boot parameters and the ACPI tables into `vm`.
+    fn load_guest(&mut self, vm: &Vm, spec: BootSpec) -> Result<boot::KernelEntry, VmmError> {
+        self.kernel
+            .seek(SeekFrom::Start(0))
+            .map_err(|e| VmmError::Image(self.config.kernel.display().to_string(), e))?;
+        let kernel = boot::load_kernel(vm.memory(), &mut self.kernel)?;
+        let initrd = match (&mut self.initramfs, &self.config.initramfs) {
+            (Some(file), Some(path)) => {
+                file.seek(SeekFrom::Start(0))
+                    .map_err(|e| VmmError::Image(path.display().to_string(), e))?;
+                Some(boot::load_initramfs(vm.memory(), file, &kernel, spec.mem)?)
+            }
+            _ => None,
+        };
+        boot::configure_system(vm.memory(), &kernel, &self.cmdline, initrd, spec.mem)?;
+        let max_cpus = self.config.cpus.max;
+        let tables = acpi::build(&acpi_config(spec.cpus, max_cpus, spec.mem, self.max_mem()))?;
+        acpi::write(vm.memory(), &tables)?;
+        Ok(kernel)
+    }
+
+    /// Creates the devices of one boot and the PIO and MMIO buses the vCPUs dispatch to.
+    fn build_devices(
+        &self,
+        spec: BootSpec,
+        window: &Range<u64>,
+    ) -> Result<(Devices, VcpuContext), VmmError> {
+        let trigger = |e: &EventFd| -> Result<Arc<dyn Trigger>, VmmError> {
+            Ok(Arc::new(e.try_clone().map_err(VmmError::EventFd)?))
+        };
+        let devices = Devices {
+            serial: Arc::new(Mutex::new(SerialDevice::new(
+                trigger(&self.serial_irq)?,
+                trigger(&self.input_room)?,
+                Box::new(self.serial_out.clone()),
+            ))),
+            ged: Arc::new(Mutex::new(Ged::new(trigger(&self.ged_irq)?))),
+            cpu_hp: Arc::new(Mutex::new(CpuHotplug::new(self.config.cpus.max, spec.cpus))),
+            mem_hp: Arc::new(Mutex::new(MemHotplug::new(hotplug_slots(window)))),
+        };
+        let mut pio = Bus::new();
+        let pio_devices: [(u16, u16, SharedDevice); 4] = [
+            (ports::COM1, ports::COM1_SIZE, devices.serial.clone()),
+            (
+                ports::RTC_INDEX,
+                ports::RTC_SIZE,
+                Arc::new(Mutex::new(Rtc::with_system_clock())),
+            ),
+            (
+                ports::I8042_DATA,
+                ports::I8042_SIZE,
+                Arc::new(Mutex::new(I8042::new())),
+            ),
+            (
+                ports::ACPI_SLEEP_CONTROL,
+                ports::ACPI_PM_SIZE,
+                Arc::new(Mutex::new(AcpiPm::new())),
+            ),
+        ];
+        for (base, len, dev) in pio_devices {
+            pio.insert(u64::from(base), u64::from(len), dev)?;
+        }
+        let mut mmio = Bus::new();
+        let mmio_devices: [(u64, u64, SharedDevice); 3] = [
+            (layout::GED_START, layout::GED_SIZE, devices.ged.clone()),
+            (
+                layout::CPU_HOTPLUG_START,
+                layout::CPU_HOTPLUG_SIZE,
+                devices.cpu_hp.clone(),
+            ),
+            (
+                layout::MEM_HOTPLUG_START,
+                layout::MEM_HOTPLUG_SIZE,
+                devices.mem_hp.clone(),
+            ),
+        ];
+        for (base, len, dev) in mmio_devices {
+            mmio.insert(base, len, dev)?;
+        }
+        let ctx = VcpuContext {
+            pio: Arc::new(pio),
+            mmio: Arc::new(mmio),
+            events: self.sink.clone(),
+            seccomp: self.vcpu_filter.clone(),
+        };
+        Ok((devices, ctx))
     }
 
     /// Takes the lifecycle change requested on the control pipe, if any.

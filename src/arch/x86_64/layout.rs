@@ -88,10 +88,14 @@ pub mod ports {
     pub const I8042_DATA: u16 = 0x60;
     /// i8042 status (read) / command (write) port.
     pub const I8042_COMMAND: u16 = 0x64;
+    /// Ports covered by the i8042 (0x60..=0x64).
+    pub const I8042_SIZE: u16 = I8042_COMMAND - I8042_DATA + 1;
     /// CMOS RTC index port.
     pub const RTC_INDEX: u16 = 0x70;
     /// CMOS RTC data port.
     pub const RTC_DATA: u16 = 0x71;
+    /// Ports covered by the RTC.
+    pub const RTC_SIZE: u16 = RTC_DATA - RTC_INDEX + 1;
     /// COM1 16550 UART base (8 registers).
     pub const COM1: u16 = 0x3f8;
     /// Number of COM1 registers.
@@ -102,6 +106,8 @@ pub mod ports {
     pub const ACPI_SLEEP_STATUS: u16 = 0x601;
     /// ACPI reset register (FADT RESET_REG); writing [`super::ACPI_RESET_VALUE`] resets.
     pub const ACPI_RESET: u16 = 0x602;
+    /// Ports covered by the ACPI sleep and reset registers.
+    pub const ACPI_PM_SIZE: u16 = ACPI_RESET - ACPI_SLEEP_CONTROL + 1;
 }
 
 /// Value the guest writes to [`ports::ACPI_RESET`] to reset the machine.
