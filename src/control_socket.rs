@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use crate::config::ControlEndpoint;
-use crate::control::{error_reply, handle_line, ControlTarget, Line, LineReader, MAX_LINE};
+use crate::control::{handle, ControlTarget, LineReader, MAX_LINE};
 
 /// Epoll token of the listening socket.
 pub const TOKEN_LISTENER: u64 = 100;
@@ -271,13 +271,8 @@ fn serve(conn: &mut Conn, target: &mut dyn ControlTarget) {
         Ok(0) => conn.eof = true,
         Ok(n) => {
             for line in conn.lines.push(&buf[..n]) {
-                let reply = match line {
-                    Line::Complete(l) => handle_line(&l, target),
-                    Line::TooLong => {
-                        error_reply(&format!("request longer than {MAX_LINE} bytes; ignored"))
-                    }
-                };
-                conn.pending.extend_from_slice(reply.as_bytes());
+                conn.pending
+                    .extend_from_slice(handle(&line, target).as_bytes());
             }
             flush(conn);
         }
