@@ -73,25 +73,12 @@ pub struct ControlServer {
     next_token: u64,
 }
 
-fn set_nonblocking(fd: RawFd) -> std::io::Result<()> {
-    // SAFETY: fcntl on a caller-owned fd with integer arguments only.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    if flags < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: as above.
-    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 fn take_fd(fd: RawFd) -> Result<File, ControlSocketError> {
     // SAFETY: F_GETFD only queries the descriptor.
     if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
         return Err(ControlSocketError::BadFd(fd));
     }
-    set_nonblocking(fd).map_err(ControlSocketError::Io)?;
+    crate::terminal::set_nonblocking(fd, true).map_err(ControlSocketError::Io)?;
     // SAFETY: the user handed this inherited fd to minivmm (`--control fd=N`); we take ownership.
     Ok(unsafe { File::from_raw_fd(fd) })
 }

@@ -18,7 +18,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::acpi::{self, AcpiConfig};
 use crate::arch::x86_64::layout::{self, ports};
 use crate::arch::x86_64::{boot, memory, regs};
-use crate::config::{format_size, VmConfig};
+use crate::config::{format_size, VmConfig, MEMORY_SIZE_ALIGN, MIN_MEMORY_SIZE};
 use crate::control::{ControlTarget, VmInfo};
 use crate::devices::acpi_pm::AcpiPm;
 use crate::devices::cpu_hotplug::CpuHotplug;
@@ -31,9 +31,6 @@ use crate::devices::{Bus, BusDevice, DeviceEvent, Trigger};
 use crate::seccomp::BpfProgram;
 use crate::vcpu::{EventSink, VcpuContext, VcpuEvent, VcpuThread};
 use crate::vm::{Vm, VmError};
-
-/// Smallest guest RAM accepted for a (next-boot) memory size.
-pub const MIN_MEMORY: u64 = 64 << 20;
 
 /// Errors while building or changing the machine.
 #[derive(Debug, thiserror::Error)]
@@ -600,15 +597,19 @@ impl Vmm {
                 }
                 plan.add_mem = Some((hp.used_slots(), start, delta));
             } else if want < current {
-                if want < MIN_MEMORY {
+                if want < MIN_MEMORY_SIZE {
                     return Err(format!(
                         "mem={} is below the minimum of {}",
                         format_size(want),
-                        format_size(MIN_MEMORY)
+                        format_size(MIN_MEMORY_SIZE)
                     ));
                 }
-                if !want.is_multiple_of(1 << 20) {
-                    return Err(format!("mem={} is not a multiple of 1M", format_size(want)));
+                if !want.is_multiple_of(MEMORY_SIZE_ALIGN) {
+                    return Err(format!(
+                        "mem={} is not a multiple of {}",
+                        format_size(want),
+                        format_size(MEMORY_SIZE_ALIGN)
+                    ));
                 }
             }
             plan.pending_mem = Some(want);
