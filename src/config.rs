@@ -107,6 +107,33 @@ impl VmConfig {
     }
 }
 
+impl VmConfig {
+    /// What minivmm appends to [`VmConfig::cmdline`]: `memhp_default_state=online` when there is a
+    /// hotplug window and the command line does not choose an online policy itself (the Debian
+    /// kernels, among others, leave hot-added memory offline by default).
+    pub fn cmdline_additions(&self) -> Vec<&'static str> {
+        let mut add = Vec::new();
+        let sets = |key: &str| self.cmdline.split_whitespace().any(|w| w.starts_with(key));
+        if self.memory.hotplug_size > 0 && !sets("memhp_default_state=") {
+            add.push("memhp_default_state=online");
+        }
+        add
+    }
+
+    /// The kernel command line the guest gets: [`VmConfig::cmdline`] as given, followed by
+    /// [`VmConfig::cmdline_additions`].
+    pub fn kernel_cmdline(&self) -> String {
+        let mut cmdline = self.cmdline.clone();
+        for word in self.cmdline_additions() {
+            if !cmdline.is_empty() {
+                cmdline.push(' ');
+            }
+            cmdline.push_str(word);
+        }
+        cmdline
+    }
+}
+
 /// vCPU counts: `1 <= boot <= max <= MAX_VCPUS`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CpuConfig {
@@ -412,7 +439,26 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Co
 
     config.kernel = kernel.ok_or(ConfigError::MissingKernel)?;
     check_stdio_conflict(&config)?;
+    check_cmdline_length(&config)?;
     Ok(Command::Run(Box::new(config)))
+}
+
+/// The kernel command line with minivmm's additions must fit the guest's 2048-byte buffer.
+fn check_cmdline_length(config: &VmConfig) -> Result<(), ConfigError> {
+    let max = CMDLINE_MAX_SIZE - 1;
+    let full = config.kernel_cmdline();
+    if full.len() <= max {
+        return Ok(());
+    }
+    let additions = config.cmdline_additions().join(" ");
+    Err(invalid(
+        Opt::Cmdline.name(),
+        format!(
+            "{} bytes plus the {} bytes minivmm appends ({additions:?}) is too long, at most {max} bytes fit",
+            config.cmdline.len(),
+            full.len() - config.cmdline.len()
+        ),
+    ))
 }
 
 fn parse_cmdline(flag: &'static str, value: String) -> Result<String, ConfigError> {
@@ -829,6 +875,74 @@ mod tests {
             err(&["--kernel", "k", "--cmdline", &too_long]),
             "--cmdline: 2048 bytes is too long, at most 2047 bytes fit"
         );
+    }
+
+    #[test]
+    fn cmdline_length_counts_what_minivmm_appends() {
+        // 2030 bytes fit alone, but not with " memhp_default_state=online" (27 bytes) appended
+        // for the hotplug window; the memory option may come before or after --cmdline.
+        let near = "y".repeat(2030);
+        assert_eq!(run(&["--kernel", "k", "--cmdline", &near]).cmdline, near);
+        let want = "--cmdline: 2030 bytes plus the 27 bytes minivmm appends \
+                    (\"memhp_default_state=online\") is too long, at most 2047 bytes fit";
+        for args in [
+            [
+                "--kernel",
+                "k",
+                "--cmdline",
+                &near,
+                "--memory",
+                "hotplug_size=1G",
+            ],
+            [
+                "--kernel",
+                "k",
+                "--memory",
+                "hotplug_size=1G",
+                "--cmdline",
+                &near,
+            ],
+        ] {
+            assert_eq!(err(&args), want);
+        }
+        // Exactly full: 2020 + 27 = 2047.
+        let full = "z".repeat(2020);
+        let c = run(&[
+            "--kernel",
+            "k",
+            "--cmdline",
+            &full,
+            "--memory",
+            "hotplug_size=1G",
+        ]);
+        assert_eq!(c.kernel_cmdline().len(), 2047);
+        // A command line that chooses its own policy gets nothing appended.
+        let own = format!("memhp_default_state=offline {}", "w".repeat(2000));
+        let c = run(&[
+            "--kernel",
+            "k",
+            "--cmdline",
+            &own,
+            "--memory",
+            "hotplug_size=1G",
+        ]);
+        assert_eq!(c.kernel_cmdline(), own);
+    }
+
+    #[test]
+    fn memhp_default_state_is_added_only_when_needed() {
+        let mut c = VmConfig::new("k".into());
+        c.cmdline = "console=ttyS0".into();
+        assert_eq!(c.kernel_cmdline(), "console=ttyS0");
+        c.memory.hotplug_size = 1 << 30;
+        assert_eq!(
+            c.kernel_cmdline(),
+            "console=ttyS0 memhp_default_state=online"
+        );
+        c.cmdline = String::new();
+        assert_eq!(c.kernel_cmdline(), "memhp_default_state=online");
+        c.cmdline = "memhp_default_state=offline quiet".into();
+        assert_eq!(c.kernel_cmdline(), "memhp_default_state=offline quiet");
     }
 
     #[test]

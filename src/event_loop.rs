@@ -7,6 +7,7 @@ use std::os::fd::RawFd;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use crate::control_socket::ControlServer;
+use crate::devices::ResetCause;
 use crate::vcpu::VcpuEvent;
 use crate::vmm::{Request, Vmm, VmmError};
 
@@ -21,7 +22,7 @@ pub enum Exit {
     /// The guest powered off, or `shutdown` was requested on the control pipe.
     PowerOff,
     /// The guest reset and `--no-reboot` was given.
-    Reset,
+    Reset(ResetCause),
     /// The guest or KVM failed; the message says how (exit reason, RIP).
     Fatal(String),
     /// A termination signal arrived.
@@ -207,9 +208,11 @@ pub fn run(
                 TOKEN_VCPU_EVENTS => match vmm.process_vcpu_events() {
                     None => {}
                     Some(VcpuEvent::PowerOff) => return Ok(Exit::PowerOff),
-                    Some(VcpuEvent::Reset) if vmm.no_reboot() => return Ok(Exit::Reset),
-                    Some(VcpuEvent::Reset) => {
-                        log::info!("guest reset: rebooting");
+                    Some(VcpuEvent::Reset(cause)) if vmm.no_reboot() => {
+                        return Ok(Exit::Reset(cause))
+                    }
+                    Some(VcpuEvent::Reset(cause)) => {
+                        log::log!(cause.log_level(), "guest reset through {cause}: rebooting");
                         vmm.reboot().map_err(EventLoopError::Reboot)?;
                         input.on_room(&epoll, vmm);
                     }

@@ -88,7 +88,7 @@ fn open(what: &'static str, path: &Path) -> Result<File, Error> {
 pub fn exit_code(result: &Result<Exit, Error>) -> i32 {
     match result {
         Ok(Exit::PowerOff) | Ok(Exit::Signal(_)) => EXIT_OK,
-        Ok(Exit::Reset) => EXIT_REBOOT,
+        Ok(Exit::Reset(_)) => EXIT_REBOOT,
         Ok(Exit::Fatal(_)) => EXIT_GUEST_FAULT,
         Err(_) => EXIT_ERROR,
     }

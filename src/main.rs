@@ -18,7 +18,10 @@ fn main() {
             let result = minivmm::run(*config);
             match &result {
                 Ok(Exit::PowerOff) => log::info!("guest powered off"),
-                Ok(Exit::Reset) => log::info!("guest reset; exiting because of --no-reboot"),
+                Ok(Exit::Reset(cause)) => log::log!(
+                    cause.log_level(),
+                    "guest reset through {cause}; exiting because of --no-reboot"
+                ),
                 Ok(Exit::Signal(sig)) => log::info!("stopped by signal {sig}"),
                 Ok(Exit::Fatal(msg)) => eprintln!("\rminivmm: guest fault: {msg}\r"),
                 Err(e) => eprintln!("\rminivmm: {e}\r"),

@@ -12,7 +12,8 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use crate::devices::{Bus, DeviceEvent};
+use crate::arch::x86_64::reset_vector::in_reset_vector_stub;
+use crate::devices::{Bus, DeviceEvent, ResetCause};
 use crate::seccomp::{self, BpfProgram};
 
 /// Errors of the vCPU thread machinery.
@@ -32,8 +33,8 @@ pub enum VcpuError {
 /// What a vCPU thread tells the main thread.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VcpuEvent {
-    /// The guest asked for a reset (ACPI reset register, i8042, KVM system event).
-    Reset,
+    /// The guest reset the machine.
+    Reset(ResetCause),
     /// The guest powered off (ACPI S5 or a KVM shutdown system event).
     PowerOff,
     /// The guest ejected this vCPU (`_EJ0`); its thread must be stopped.
@@ -196,7 +197,7 @@ fn run_loop(id: u32, mut vcpu: VcpuFd, ctx: &VcpuContext, kill: &AtomicBool) -> 
         match next {
             Next::Continue => {}
             Next::Stop(event) => {
-                let event = describe_fatal(&mut vcpu, event);
+                let event = describe(&mut vcpu, event);
                 ctx.events.send(event);
                 // A vCPU that asked for a reset or power-off must not run the guest again.
                 while !kill.load(Ordering::SeqCst) {
@@ -224,11 +225,16 @@ fn handle_exit(id: u32, exit: VcpuExit<'_>, ctx: &VcpuContext) -> Next {
         VcpuExit::SystemEvent(kind, _) => {
             return match kind {
                 kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Next::Stop(VcpuEvent::PowerOff),
-                kvm_bindings::KVM_SYSTEM_EVENT_RESET => Next::Stop(VcpuEvent::Reset),
+                kvm_bindings::KVM_SYSTEM_EVENT_RESET => {
+                    Next::Stop(VcpuEvent::Reset(ResetCause::SystemEvent))
+                }
                 other => Next::Stop(fatal(id, format!("system event {other}"))),
             }
         }
-        VcpuExit::Shutdown => return Next::Stop(fatal(id, "triple fault (KVM_EXIT_SHUTDOWN)")),
+        // A triple fault resets a PC; the RIP is filled in by `describe`.
+        VcpuExit::Shutdown => {
+            return Next::Stop(VcpuEvent::Reset(ResetCause::TripleFault { rip: 0 }))
+        }
         VcpuExit::Hlt => return Next::Stop(fatal(id, "unexpected HLT exit (KVM_EXIT_HLT)")),
         VcpuExit::InternalError => return Next::Stop(fatal(id, "KVM_EXIT_INTERNAL_ERROR")),
         VcpuExit::FailEntry(reason, cpu) => {
@@ -243,7 +249,7 @@ fn handle_exit(id: u32, exit: VcpuExit<'_>, ctx: &VcpuContext) -> Next {
     };
     match device_event {
         None | Some(DeviceEvent::None) => Next::Continue,
-        Some(DeviceEvent::Reset) => Next::Stop(VcpuEvent::Reset),
+        Some(DeviceEvent::Reset(cause)) => Next::Stop(VcpuEvent::Reset(cause)),
         Some(DeviceEvent::PowerOff) => Next::Stop(VcpuEvent::PowerOff),
         Some(DeviceEvent::CpuEject(cpu)) => {
             ctx.events.send(VcpuEvent::Ejected(cpu));
@@ -263,8 +269,32 @@ fn fatal(cpu: u32, reason: impl Into<String>) -> VcpuEvent {
     }
 }
 
-/// Adds the register state (and internal-error details) to a fatal event, now that the exit's
-/// borrow of the vCPU has ended.
+/// Adds register state to a stopping event, now that the exit's borrow of the vCPU has ended:
+/// the RIP of a triple fault, whether an ACPI reset came from the reset-vector stub, and the
+/// RIP and internal-error details of a fatal exit.
+fn describe(vcpu: &mut VcpuFd, event: VcpuEvent) -> VcpuEvent {
+    match event {
+        VcpuEvent::Reset(ResetCause::TripleFault { .. }) => {
+            let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+            VcpuEvent::Reset(ResetCause::TripleFault { rip })
+        }
+        VcpuEvent::Reset(ResetCause::AcpiResetRegister) => {
+            let from_stub = match (vcpu.get_regs(), vcpu.get_sregs()) {
+                (Ok(regs), Ok(sregs)) => in_reset_vector_stub(sregs.cs.base, regs.rip),
+                _ => false,
+            };
+            VcpuEvent::Reset(if from_stub {
+                ResetCause::BiosResetVector
+            } else {
+                ResetCause::AcpiResetRegister
+            })
+        }
+        VcpuEvent::Fatal { .. } => describe_fatal(vcpu, event),
+        other => other,
+    }
+}
+
+/// Adds the register state (and internal-error details) to a fatal event.
 fn describe_fatal(vcpu: &mut VcpuFd, event: VcpuEvent) -> VcpuEvent {
     let VcpuEvent::Fatal { cpu, mut reason } = event else {
         return event;

@@ -25,6 +25,7 @@ use crate::devices::cpu_hotplug::CpuHotplug;
 use crate::devices::ged::{Ged, GED_CPU, GED_MEMORY, GED_POWER_BUTTON};
 use crate::devices::i8042::I8042;
 use crate::devices::mem_hotplug::MemHotplug;
+use crate::devices::reset_control::ResetControl;
 use crate::devices::rtc::Rtc;
 use crate::devices::serial::SerialDevice;
 use crate::devices::{Bus, BusDevice, DeviceEvent, Trigger};
@@ -155,22 +156,6 @@ impl Write for SharedWriter {
     }
 }
 
-/// The kernel command line actually passed to the guest.
-pub fn effective_cmdline(config: &VmConfig) -> String {
-    let mut cmdline = config.cmdline.clone();
-    if config.memory.hotplug_size > 0
-        && !cmdline
-            .split_whitespace()
-            .any(|w| w.starts_with("memhp_default_state="))
-    {
-        if !cmdline.is_empty() {
-            cmdline.push(' ');
-        }
-        cmdline.push_str("memhp_default_state=online");
-    }
-    cmdline
-}
-
 fn hotplug_slots(window: &Range<u64>) -> usize {
     let steps = (window.end - window.start) / layout::MEMORY_HOTPLUG_ALIGN;
     (steps as usize).min(layout::MAX_MEMORY_HOTPLUG_SLOTS)
@@ -207,7 +192,7 @@ impl Vmm {
             mem: config.memory.size,
         };
         Ok(Vmm {
-            cmdline: effective_cmdline(&config),
+            cmdline: config.kernel_cmdline(),
             kvm,
             kernel,
             initramfs,
@@ -343,7 +328,7 @@ impl Vmm {
             mem_hp: Arc::new(Mutex::new(MemHotplug::new(hotplug_slots(window)))),
         };
         let mut pio = Bus::new();
-        let pio_devices: [(u16, u16, SharedDevice); 4] = [
+        let pio_devices: [(u16, u16, SharedDevice); 5] = [
             (ports::COM1, ports::COM1_SIZE, devices.serial.clone()),
             (
                 ports::RTC_INDEX,
@@ -359,6 +344,11 @@ impl Vmm {
                 ports::ACPI_SLEEP_CONTROL,
                 ports::ACPI_PM_SIZE,
                 Arc::new(Mutex::new(AcpiPm::new())),
+            ),
+            (
+                ports::RESET_CONTROL,
+                ports::RESET_CONTROL_SIZE,
+                Arc::new(Mutex::new(ResetControl::new())),
             ),
         ];
         for (base, len, dev) in pio_devices {
@@ -864,20 +854,6 @@ mod tests {
         assert!(!ost_failed(3, 0));
         assert!(ost_failed(3, 0x82));
         assert!(ost_failed(1, 1));
-    }
-
-    #[test]
-    fn memhp_default_state_is_added_only_when_needed() {
-        let mut c = VmConfig::new("k".into());
-        c.cmdline = "console=ttyS0".into();
-        assert_eq!(effective_cmdline(&c), "console=ttyS0");
-        c.memory.hotplug_size = 1 << 30;
-        assert_eq!(
-            effective_cmdline(&c),
-            "console=ttyS0 memhp_default_state=online"
-        );
-        c.cmdline = "memhp_default_state=offline quiet".into();
-        assert_eq!(effective_cmdline(&c), "memhp_default_state=offline quiet");
     }
 
     #[test]

@@ -98,8 +98,40 @@ fn harness_self_test() {
     common::self_test();
 }
 
-/// 1 vCPU, 512 MiB: nproc, MemTotal, a 4 KiB paste, `reboot -f` (the VM is rebuilt in the same process),
-/// then `poweroff -f` ends minivmm with exit code 0.
+/// The reset path Linux takes by default here (hardware-reduced ACPI, no EFI: `efi`, then `bios`).
+const DEFAULT_RESET: &str = "the BIOS reset vector";
+
+/// Runs `cmd` (a guest reboot), waits for the guest to come back in the same minivmm, and checks
+/// minivmm logged the reset as coming through `cause`.
+fn reboot_in_process(vm: &mut Vm, cmd: &str, cause: &str) {
+    let rebooting =
+        |l: &&str| l.contains("guest reset through") && l.trim_end().ends_with(": rebooting");
+    let before = vm.stderr_text().lines().filter(rebooting).count();
+    vm.write_line(cmd);
+    vm.wait_ready();
+    let log = vm.stderr_text();
+    let resets: Vec<&str> = log.lines().filter(rebooting).collect();
+    assert_eq!(
+        resets.len(),
+        before + 1,
+        "one reset logged for {cmd:?}; minivmm log:\n{log}"
+    );
+    let last = resets[resets.len() - 1];
+    assert!(
+        last.contains(cause),
+        "{cmd:?} reset through {last:?}, want {cause:?}"
+    );
+    assert_eq!(
+        vm.sh("echo again; cat /proc/uptime | cut -d. -f1")
+            .lines()
+            .next(),
+        Some("again")
+    );
+}
+
+/// 1 vCPU, 512 MiB, a user command line without `reboot=`/`panic=`: nproc, MemTotal, a 4 KiB
+/// paste; `reboot -f` and plain `reboot` bring the guest back in the same process (through the
+/// kernel's default path); `poweroff -f` ends minivmm with exit code 0.
 #[test]
 fn boot_one_vcpu_reboot_poweroff() {
     run_in_test_host("boot_one_vcpu_reboot_poweroff", || {
@@ -109,23 +141,18 @@ fn boot_one_vcpu_reboot_poweroff() {
         assert_platform_devices(&mut vm);
         paste_4k_line(&mut vm);
 
-        vm.write_line("reboot -f");
-        vm.wait_ready();
-        assert_eq!(
-            vm.sh("echo again; cat /proc/uptime | cut -d. -f1")
-                .lines()
-                .next(),
-            Some("again")
-        );
+        reboot_in_process(&mut vm, "reboot -f", DEFAULT_RESET);
         assert_eq!(vm.nproc(), 1);
         assert_mem_total_near(&mut vm, 512);
+        reboot_in_process(&mut vm, "reboot", DEFAULT_RESET);
 
         vm.write_line("poweroff -f");
         assert_eq!(vm.wait_exit(EXIT_TIMEOUT), 0, "exit code after poweroff -f");
     });
 }
 
-/// 2 boot vCPUs; plain `reboot` and plain `poweroff` (through busybox init) work too.
+/// 2 boot vCPUs, the same user command line: plain `reboot` and `reboot -f` bring the guest
+/// back; plain `poweroff` (through busybox init) ends minivmm with 0.
 #[test]
 fn boot_two_vcpus_plain_reboot_poweroff() {
     run_in_test_host("boot_two_vcpus_plain_reboot_poweroff", || {
@@ -133,9 +160,10 @@ fn boot_two_vcpus_plain_reboot_poweroff() {
         assert_eq!(vm.nproc(), 2);
         assert_eq!(vm.sh("cat /sys/devices/system/cpu/online"), "0-1");
 
-        vm.write_line("reboot");
-        vm.wait_ready();
+        reboot_in_process(&mut vm, "reboot", DEFAULT_RESET);
         assert_eq!(vm.nproc(), 2, "vCPUs after a reboot");
+        reboot_in_process(&mut vm, "reboot -f", DEFAULT_RESET);
+        assert_eq!(vm.nproc(), 2, "vCPUs after a second reboot");
 
         vm.write_line("poweroff");
         assert_eq!(
@@ -146,30 +174,36 @@ fn boot_two_vcpus_plain_reboot_poweroff() {
     });
 }
 
-/// With `--no-reboot`, a guest reboot ends minivmm with exit code 2 (both `reboot -f` and plain `reboot`).
+/// With `--no-reboot`, a guest reboot ends minivmm with exit code 2: `reboot -f` and plain
+/// `reboot`, 1 and 2 vCPUs, the ELF vmlinux (PVH) and the bzImage, user command line.
 #[test]
 fn no_reboot_exits_with_2() {
     run_in_test_host("no_reboot_exits_with_2", || {
-        let mut vm = Vm::boot(VmOptions::elf().no_reboot());
-        vm.write_line("reboot -f");
-        assert_eq!(
-            vm.wait_exit(EXIT_TIMEOUT),
-            2,
-            "exit code after reboot -f with --no-reboot"
-        );
-        drop(vm);
-
-        let mut vm = Vm::boot(VmOptions::elf().no_reboot());
-        vm.write_line("reboot");
-        assert_eq!(
-            vm.wait_exit(EXIT_TIMEOUT),
-            2,
-            "exit code after plain reboot with --no-reboot"
-        );
+        let cases = [
+            (VmOptions::elf(), "boot=1", "reboot -f"),
+            (VmOptions::elf(), "boot=2", "reboot"),
+            (VmOptions::bzimage(), "boot=2", "reboot -f"),
+            (VmOptions::bzimage(), "boot=1", "reboot"),
+        ];
+        for (opts, cpus, cmd) in cases {
+            let mut vm = Vm::boot(opts.cpus(cpus).no_reboot());
+            vm.write_line(cmd);
+            assert_eq!(
+                vm.wait_exit(EXIT_TIMEOUT),
+                2,
+                "exit code after {cmd} with --no-reboot and {cpus}"
+            );
+            let log = vm.stderr_text();
+            assert!(
+                log.contains(DEFAULT_RESET) && log.contains("exiting because of --no-reboot"),
+                "minivmm log after {cmd}:\n{log}"
+            );
+        }
     });
 }
 
-/// The ELF vmlinux boots through its PVH entry point to the shell.
+/// The ELF vmlinux boots through its PVH entry point to the shell, with 2 and 1 vCPUs; `reboot -f`
+/// and `reboot` bring it back in the same process.
 #[test]
 fn boot_elf_pvh() {
     run_in_test_host("boot_elf_pvh", || {
@@ -180,8 +214,47 @@ fn boot_elf_pvh() {
         // PVH boots leave a trace in the kernel log.
         let (dmesg, _) = vm.run("dmesg | grep -i -m1 pvh");
         println!("PVH dmesg: {dmesg}");
+        reboot_in_process(&mut vm, "reboot -f", DEFAULT_RESET);
+        reboot_in_process(&mut vm, "reboot", DEFAULT_RESET);
+        assert_eq!(vm.nproc(), 2);
         vm.write_line("poweroff -f");
         assert_eq!(vm.wait_exit(EXIT_TIMEOUT), 0);
+        drop(vm);
+
+        let mut vm = Vm::boot(VmOptions::elf().cpus("boot=1"));
+        reboot_in_process(&mut vm, "reboot", DEFAULT_RESET);
+        reboot_in_process(&mut vm, "reboot -f", DEFAULT_RESET);
+        assert_eq!(vm.nproc(), 1);
+        vm.write_line("poweroff");
+        assert_eq!(vm.wait_exit(EXIT_TIMEOUT), 0);
+    });
+}
+
+/// Every reset path a stock kernel offers, chosen with `reboot=` on a user command line: each
+/// brings the guest back in the same process and is logged as the path it took; `poweroff -f`
+/// still ends minivmm with 0 afterwards.
+#[test]
+fn every_reboot_variant_reboots() {
+    run_in_test_host("every_reboot_variant_reboots", || {
+        let cases = [
+            ("reboot=acpi", "the ACPI reset register"),
+            ("reboot=kbd", "the i8042 reset command"),
+            ("reboot=triple", "a triple fault"),
+            ("reboot=pci", "the reset control register 0xcf9"),
+            ("reboot=bios", DEFAULT_RESET),
+            ("reboot=efi", DEFAULT_RESET),
+        ];
+        for (word, cause) in cases {
+            let mut vm = Vm::boot(VmOptions::elf().cpus("boot=2").cmdline_add(word));
+            assert_eq!(
+                vm.sh("cat /sys/kernel/reboot/type"),
+                word.trim_start_matches("reboot="),
+                "the guest's reboot type"
+            );
+            reboot_in_process(&mut vm, "reboot -f", cause);
+            vm.write_line("poweroff -f");
+            assert_eq!(vm.wait_exit(EXIT_TIMEOUT), 0, "poweroff after {word}");
+        }
     });
 }
 

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 mod tiny;
 
-use tiny::{echo_until_bang, print_then, pvh_elf, POWER_OFF, RESET, TRIPLE_FAULT};
+use tiny::{
+    echo_until_bang, print_then, pvh_elf, CF9_RESET, KBD_RESET, POWER_OFF, RESET, TRIPLE_FAULT,
+};
 
 fn temp_path(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("minivmm-tiny-{}", std::process::id()));
@@ -119,17 +121,44 @@ fn two_boot_vcpus_and_hotplug_flags_start() {
     assert_eq!(String::from_utf8_lossy(&r.stdout), "smp\n");
 }
 
+/// Every way a guest can reset the machine, with `--no-reboot`: exit code 2, and the info log
+/// names the path.
 #[test]
-fn reset_with_no_reboot_exits_2() {
-    let r = run_guest("reset", &print_then("bye\n", RESET), &["--no-reboot"], b"");
-    assert_eq!(r.code, 2, "stderr: {}", r.stderr);
-    assert_eq!(String::from_utf8_lossy(&r.stdout), "bye\n");
+fn every_reset_path_with_no_reboot_exits_2_and_is_named() {
+    let cases: [(&str, &[u8], &str); 4] = [
+        ("acpi", RESET, "the ACPI reset register"),
+        ("kbd", KBD_RESET, "i8042 reset command"),
+        ("cf9", CF9_RESET, "reset control register 0xcf9"),
+        ("triple", TRIPLE_FAULT, "a triple fault at RIP 0x"),
+    ];
+    for (name, tail, needle) in cases {
+        let r = run_guest(
+            &format!("reset-{name}"),
+            &print_then("bye\n", tail),
+            &["--no-reboot", "--log-level", "info"],
+            b"",
+        );
+        assert_eq!(r.code, 2, "{name}: stderr: {}", r.stderr);
+        assert_eq!(String::from_utf8_lossy(&r.stdout), "bye\n", "{name}");
+        assert!(r.stderr.contains(needle), "{name}: stderr: {}", r.stderr);
+        assert!(
+            r.stderr.contains("exiting because of --no-reboot"),
+            "{name}: stderr: {}",
+            r.stderr
+        );
+    }
 }
 
+/// A triple fault is a reset, as on a PC: it is reported at the default log level.
 #[test]
-fn triple_fault_exits_3_and_names_the_exit_and_rip() {
-    let r = run_guest("fault", &print_then("x", TRIPLE_FAULT), &[], b"");
-    assert_eq!(r.code, 3, "stderr: {}", r.stderr);
+fn triple_fault_is_a_reset_and_names_the_rip() {
+    let r = run_guest(
+        "fault",
+        &print_then("x", TRIPLE_FAULT),
+        &["--no-reboot"],
+        b"",
+    );
+    assert_eq!(r.code, 2, "stderr: {}", r.stderr);
     assert!(r.stderr.contains("triple fault"), "stderr: {}", r.stderr);
     assert!(r.stderr.contains("RIP 0x"), "stderr: {}", r.stderr);
 }
@@ -445,35 +474,44 @@ fn sigterm_ends_minivmm_cleanly() {
     assert!(!sock.exists(), "the control socket is removed on exit");
 }
 
+/// Without `--no-reboot` every reset path rebuilds the VM in the same process (three boots
+/// each), with two boot vCPUs.
 #[test]
 fn guest_reset_rebuilds_the_vm_in_process() {
     require_kvm();
-    let kernel = temp_path("reboot.elf");
-    std::fs::write(&kernel, pvh_elf(&print_then("boot\n", RESET))).expect("write guest");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_minivmm"))
-        .arg("--kernel")
-        .arg(&kernel)
-        .args(["--cpus", "boot=2", "--memory", "size=64M"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn minivmm");
-    let mut out = child.stdout.take().expect("stdout");
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 64];
-    while seen.windows(5).filter(|w| w == b"boot\n").count() < 3 {
-        let n = out.read(&mut buf).expect("read");
-        assert!(
-            n > 0,
-            "minivmm exited after {:?}",
-            String::from_utf8_lossy(&seen)
-        );
-        seen.extend_from_slice(&buf[..n]);
+    for (name, tail) in [
+        ("acpi", RESET),
+        ("kbd", KBD_RESET),
+        ("cf9", CF9_RESET),
+        ("triple", TRIPLE_FAULT),
+    ] {
+        let kernel = temp_path(&format!("reboot-{name}.elf"));
+        std::fs::write(&kernel, pvh_elf(&print_then("boot\n", tail))).expect("write guest");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_minivmm"))
+            .arg("--kernel")
+            .arg(&kernel)
+            .args(["--cpus", "boot=2", "--memory", "size=64M"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn minivmm");
+        let mut out = child.stdout.take().expect("stdout");
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 64];
+        while seen.windows(5).filter(|w| w == b"boot\n").count() < 3 {
+            let n = out.read(&mut buf).expect("read");
+            assert!(
+                n > 0,
+                "{name}: minivmm exited after {:?}",
+                String::from_utf8_lossy(&seen)
+            );
+            seen.extend_from_slice(&buf[..n]);
+        }
+        // SAFETY: signalling our own child.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+        assert_eq!(child.wait().expect("wait").code(), Some(0), "{name}");
     }
-    // SAFETY: signalling our own child.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
-    assert_eq!(child.wait().expect("wait").code(), Some(0));
 }
 
 fn minivmm_output(args: &[&std::ffi::OsStr]) -> (i32, String) {

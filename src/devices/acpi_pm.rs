@@ -3,7 +3,7 @@
 //! Three byte registers at `layout::ports::ACPI_SLEEP_CONTROL`: +0 sleep control, +1 sleep
 //! status, +2 reset. The FADT points at them; the DSDT's `\_S5_` package gives the S5 sleep type.
 
-use super::{BusDevice, DeviceEvent};
+use super::{BusDevice, DeviceEvent, ResetCause};
 use crate::arch::x86_64::layout;
 
 /// Offset of the sleep control register.
@@ -53,8 +53,7 @@ impl BusDevice for AcpiPm {
                 }
             }
             RESET if value == layout::ACPI_RESET_VALUE => {
-                log::info!("ACPI: guest wrote the reset register");
-                DeviceEvent::Reset
+                DeviceEvent::Reset(ResetCause::AcpiResetRegister)
             }
             _ => DeviceEvent::None,
         }
@@ -81,7 +80,10 @@ mod tests {
     #[test]
     fn reset_register() {
         let mut pm = AcpiPm::new();
-        assert_eq!(pm.write(2, &[layout::ACPI_RESET_VALUE]), DeviceEvent::Reset);
+        assert_eq!(
+            pm.write(2, &[layout::ACPI_RESET_VALUE]),
+            DeviceEvent::Reset(ResetCause::AcpiResetRegister)
+        );
         assert_eq!(pm.write(2, &[0x42]), DeviceEvent::None);
         assert_eq!(pm.write(0, &[layout::ACPI_RESET_VALUE]), DeviceEvent::None);
         assert_eq!(pm.write(2, &[]), DeviceEvent::None);

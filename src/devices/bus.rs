@@ -168,7 +168,7 @@ mod tests {
 
         fn write(&mut self, offset: u64, data: &[u8]) -> DeviceEvent {
             self.last_write = Some((offset, data.to_vec()));
-            DeviceEvent::Reset
+            DeviceEvent::Reset(crate::devices::ResetCause::Keyboard)
         }
     }
 
@@ -227,7 +227,10 @@ mod tests {
         assert!(bus.read(0x3fa, &mut data));
         assert_eq!(data, [2, 3]);
 
-        assert_eq!(bus.write(0x64, &[0xfe]), Some(DeviceEvent::Reset));
+        assert_eq!(
+            bus.write(0x64, &[0xfe]),
+            Some(DeviceEvent::Reset(crate::devices::ResetCause::Keyboard))
+        );
         assert_eq!(b.lock().unwrap().last_write, Some((4, vec![0xfe])));
         assert!(a.lock().unwrap().last_write.is_none());
     }
@@ -263,7 +266,10 @@ mod tests {
         })
         .join();
         assert!(dev.is_poisoned());
-        assert_eq!(bus.write(0x10, &[7]), Some(DeviceEvent::Reset));
+        assert_eq!(
+            bus.write(0x10, &[7]),
+            Some(DeviceEvent::Reset(crate::devices::ResetCause::Keyboard))
+        );
         let mut data = [0u8; 1];
         assert!(bus.read(0x10, &mut data));
     }

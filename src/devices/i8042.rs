@@ -4,7 +4,7 @@
 //! keyboard-controller reset proceeds at once. Writing the pulse-reset command 0xFE to the
 //! command port resets the machine; everything else is ignored.
 
-use super::{BusDevice, DeviceEvent};
+use super::{BusDevice, DeviceEvent, ResetCause};
 
 /// Offset of the command/status port (0x64) from the device base (0x60).
 const COMMAND_OFFSET: u64 = 4;
@@ -31,8 +31,7 @@ impl BusDevice for I8042 {
     /// 0xFE written to the command port returns [`DeviceEvent::Reset`]; other writes are ignored.
     fn write(&mut self, offset: u64, data: &[u8]) -> DeviceEvent {
         if offset == COMMAND_OFFSET && data.first() == Some(&CMD_RESET_CPU) {
-            log::info!("i8042: guest requested a CPU reset");
-            return DeviceEvent::Reset;
+            return DeviceEvent::Reset(ResetCause::Keyboard);
         }
         DeviceEvent::None
     }
@@ -45,7 +44,10 @@ mod tests {
     #[test]
     fn reset_command() {
         let mut dev = I8042::new();
-        assert_eq!(dev.write(4, &[0xfe]), DeviceEvent::Reset);
+        assert_eq!(
+            dev.write(4, &[0xfe]),
+            DeviceEvent::Reset(ResetCause::Keyboard)
+        );
         assert_eq!(dev.write(0, &[0xfe]), DeviceEvent::None);
         assert_eq!(dev.write(4, &[0xd1]), DeviceEvent::None);
         assert_eq!(dev.write(4, &[]), DeviceEvent::None);

@@ -13,6 +13,7 @@ pub mod ged;
 pub mod i8042;
 pub mod mem_hotplug;
 mod regs;
+pub mod reset_control;
 pub mod rtc;
 pub mod serial;
 
@@ -31,13 +32,72 @@ impl Trigger for vmm_sys_util::eventfd::EventFd {
     }
 }
 
+/// How the guest reset the machine (for the log and the exit message).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetCause {
+    /// The FADT reset register (Linux `reboot=acpi`, and the first try of its default order).
+    AcpiResetRegister,
+    /// The reset-vector stub, reached through Linux's BIOS reboot path (`reboot=bios|efi`, and its
+    /// default on hardware-reduced ACPI without EFI).
+    BiosResetVector,
+    /// The i8042 pulse-reset command 0xFE (Linux `reboot=kbd`).
+    Keyboard,
+    /// The reset control register at port 0xCF9 (Linux `reboot=pci`).
+    ResetControl,
+    /// A triple fault (`KVM_EXIT_SHUTDOWN`): Linux `reboot=triple`, or a crashing guest. Resets
+    /// the machine, as on hardware.
+    TripleFault {
+        /// RIP when KVM reported the shutdown (on AMD hosts KVM has already re-initialised the
+        /// vCPU, so this is the reset vector's 0xfff0).
+        rip: u64,
+    },
+    /// A KVM reset system event.
+    SystemEvent,
+}
+
+impl ResetCause {
+    /// How loudly to log this reset: a triple fault is usually a guest crash.
+    pub fn log_level(&self) -> log::Level {
+        match self {
+            ResetCause::TripleFault { .. } => log::Level::Warn,
+            _ => log::Level::Info,
+        }
+    }
+}
+
+impl std::fmt::Display for ResetCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ResetCause::AcpiResetRegister => write!(f, "the ACPI reset register"),
+            ResetCause::BiosResetVector => write!(
+                f,
+                "the BIOS reset vector (Linux reboot=bios or efi, its default without EFI)"
+            ),
+            ResetCause::Keyboard => write!(f, "the i8042 reset command (Linux reboot=kbd)"),
+            ResetCause::ResetControl => {
+                write!(f, "the reset control register 0xcf9 (Linux reboot=pci)")
+            }
+            ResetCause::TripleFault { rip } if *rip == 0xfff0 => write!(
+                f,
+                "a triple fault (Linux reboot=triple, or a guest crash; RIP {rip:#x} is the reset \
+                 vector: KVM on AMD re-initialises the vCPU, so the faulting RIP is lost)"
+            ),
+            ResetCause::TripleFault { rip } => write!(
+                f,
+                "a triple fault at RIP {rip:#x} (Linux reboot=triple, or a guest crash)"
+            ),
+            ResetCause::SystemEvent => write!(f, "a KVM reset system event"),
+        }
+    }
+}
+
 /// What a device register write asks the VMM to do (returned from [`BusDevice::write`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceEvent {
     /// Nothing for the VMM to do.
     None,
-    /// The guest asked for a machine reset (ACPI reset register or i8042 command 0xFE).
-    Reset,
+    /// The guest asked for a machine reset.
+    Reset(ResetCause),
     /// The guest entered ACPI S5 (SLP_TYP 5 with SLP_EN).
     PowerOff,
     /// The guest's `_EJ0` for this CPU index was accepted; the VMM must stop that vCPU.

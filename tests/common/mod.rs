@@ -40,10 +40,12 @@ pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Hard limit on minivmm exiting after the guest was told to power off or reboot.
 pub const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Guest kernel command line used by the tests (`quiet` keeps kernel messages out of command output).
-/// With a hotplug window minivmm appends `memhp_default_state=online` itself, which the memory
-/// tests rely on: the guest runs no udev to online hot-added blocks.
-pub const GUEST_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off quiet";
+/// Guest kernel command line used by the tests, as a user would write it: no `reboot=`, `panic=`
+/// or `pci=off`, so the kernel's own default reboot path is the one exercised (`quiet` keeps
+/// kernel messages out of command output). With a hotplug window minivmm appends
+/// `memhp_default_state=online` itself, which the memory tests rely on: the guest runs no udev to
+/// online hot-added blocks.
+pub const GUEST_CMDLINE: &str = "console=ttyS0 quiet";
 /// The guest prints this (followed by ` uptime=<seconds>`) once its shell owns the console.
 pub const READY_MARKER: &str = "GUEST-READY";
 
@@ -760,7 +762,7 @@ impl VmOptions {
             memory: Some("size=512M".to_string()),
             no_reboot: false,
             control: false,
-            extra: Vec::new(),
+            extra: vec!["--log-level".to_string(), "info".to_string()],
         }
     }
 
@@ -781,6 +783,13 @@ impl VmOptions {
     /// Sets `--memory`.
     pub fn memory(mut self, v: &str) -> Self {
         self.memory = Some(v.to_string());
+        self
+    }
+
+    /// Appends `words` to the guest command line.
+    pub fn cmdline_add(mut self, words: &str) -> Self {
+        self.cmdline.push(' ');
+        self.cmdline.push_str(words);
         self
     }
 

@@ -21,9 +21,10 @@ use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::layout::{
     CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START, PVH_INFO_START, PVH_MEMMAP_START,
-    PVH_MODLIST_START, RSDP_START, ZERO_PAGE_START,
+    PVH_MODLIST_START, RESET_VECTOR, RSDP_START, ZERO_PAGE_START,
 };
 use super::memory::{e820_entries, low_ram_end, E820Entry};
+use super::reset_vector::write_reset_vector_stub;
 
 /// Offset of the setup header in a bzImage file.
 const SETUP_HEADER_OFFSET: u64 = 0x1f1;
@@ -121,6 +122,9 @@ pub enum BootError {
     /// Writing the zero page (Linux boot protocol) failed.
     #[error("writing the zero page at {ZERO_PAGE_START:#x} failed: {0}")]
     WriteZeroPage(#[source] linux_loader::configurator::Error),
+    /// Writing the reset-vector stub failed.
+    #[error("writing the reset-vector stub at {RESET_VECTOR:#x} failed: {0}")]
+    WriteResetVector(#[source] vm_memory::GuestMemoryError),
     /// Writing the PVH start info, module list or memory map failed.
     #[error("writing the PVH start info at {PVH_INFO_START:#x} failed: {0}")]
     WritePvhInfo(#[source] linux_loader::configurator::Error),
@@ -388,8 +392,8 @@ pub fn build_pvh_info(
 /// Writes the cmdline at CMDLINE_START and the zero page (Linux64, starting from the bzImage's
 /// own setup header when present, with type_of_loader 0xff, cmd_line_ptr, ramdisk,
 /// acpi_rsdp_addr = RSDP_START, e820 from e820_entries) or the PVH hvm_start_info + modlist +
-/// memmap (Pvh). Use linux-loader's configurators (LinuxBootConfigurator, PvhBootConfigurator)
-/// and Cmdline.
+/// memmap (Pvh), through linux-loader's configurators; and the reset-vector stub that Linux's
+/// BIOS reboot path jumps to.
 pub fn configure_system(
     mem: &GuestMemoryMmap,
     kernel: &KernelEntry,
@@ -407,6 +411,7 @@ pub fn configure_system(
         .as_bytes_with_nul()
         .len();
     load_cmdline(mem, GuestAddress(CMDLINE_START), &cl).map_err(BootError::WriteCmdline)?;
+    write_reset_vector_stub(mem).map_err(BootError::WriteResetVector)?;
 
     let e820 = e820_entries(ram_size);
     match kernel.protocol {

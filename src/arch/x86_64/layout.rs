@@ -43,6 +43,14 @@ pub const RSDP_START: u64 = ACPI_START;
 /// End (exclusive) of the ACPI table area.
 pub const ACPI_END: u64 = HIMEM_START;
 
+/// The x86 reset vector as real-mode code reaches it (`F000:FFF0`). Linux's `BOOT_BIOS` reboot
+/// (its default on hardware-reduced ACPI without EFI, and `reboot=bios|efi`) jumps here in real
+/// mode; minivmm places a 16-byte stub here that writes the ACPI reset register. It lies in the
+/// E820-reserved area below [`HIMEM_START`].
+pub const RESET_VECTOR: u64 = 0xf_fff0;
+/// Room for the reset-vector stub: up to the 1 MiB boundary.
+pub const RESET_VECTOR_SIZE: u64 = HIMEM_START - RESET_VECTOR;
+
 /// Start of high memory: a bzImage's protected-mode code is loaded here.
 pub const HIMEM_START: u64 = 0x10_0000;
 
@@ -108,6 +116,10 @@ pub mod ports {
     pub const ACPI_RESET: u16 = 0x602;
     /// Ports covered by the ACPI sleep and reset registers.
     pub const ACPI_PM_SIZE: u16 = ACPI_RESET - ACPI_SLEEP_CONTROL + 1;
+    /// PIIX/ICH reset control register (Linux `reboot=pci`): bit 2 resets the machine.
+    pub const RESET_CONTROL: u16 = 0xcf9;
+    /// Ports covered by the reset control register.
+    pub const RESET_CONTROL_SIZE: u16 = 1;
 }
 
 /// Value the guest writes to [`ports::ACPI_RESET`] to reset the machine.

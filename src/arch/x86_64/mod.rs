@@ -7,3 +7,4 @@ pub mod layout;
 pub mod memory;
 pub mod msr;
 pub mod regs;
+pub mod reset_vector;
