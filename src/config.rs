@@ -6,8 +6,9 @@
 
 use std::os::unix::io::RawFd;
 use std::path::PathBuf;
+use std::time::Duration;
 
-use crate::arch::x86_64::layout::{CMDLINE_MAX_SIZE, MAX_VCPUS, MEMORY_HOTPLUG_ALIGN};
+use crate::arch::x86_64::layout::{ports, CMDLINE_MAX_SIZE, MAX_VCPUS, MEMORY_HOTPLUG_ALIGN};
 
 /// Kernel command line used when `--cmdline` is absent.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
@@ -53,6 +54,14 @@ Options:
   --seccomp on|off           system call filtering (default: on); off is UNSAFE
                              and meant for debugging only
   --log-level LEVEL          error, warn, info or debug (default: warn)
+  --exit-device on|off|iobase=PORT[,iosize=N]
+                             guest exit device compatible with QEMU's
+                             isa-debug-exit: writing V exits with (V<<1)|1
+                             (on: iobase=0x501,iosize=2; default: off)
+  --pvpanic on|off           pvpanic device at port 0x505 (ACPI QEMU0001): a
+                             guest panic exits with status 4 (default: on)
+  --timeout DURATION         stop the guest after DURATION (e.g. 500ms, 30s,
+                             5m, 1h; a bare number is seconds), exit status 124
   -h, --help                 print this help and exit
   -V, --version              print the version and exit
 
@@ -78,6 +87,12 @@ pub struct VmConfig {
     pub serial: SerialMode,
     /// Exit (status 2) on a guest reboot instead of rebooting.
     pub no_reboot: bool,
+    /// The guest exit device (`--exit-device`), if enabled.
+    pub exit_device: Option<ExitDeviceConfig>,
+    /// Whether the pvpanic device is present (`--pvpanic`, default on).
+    pub pvpanic: bool,
+    /// Wall-clock limit on the run (`--timeout`).
+    pub timeout: Option<Duration>,
     /// Directory to write the generated ACPI tables to.
     pub dump_acpi: Option<PathBuf>,
     /// Control pipe endpoint, if any.
@@ -99,6 +114,9 @@ impl VmConfig {
             memory: MemoryConfig::default(),
             serial: SerialMode::Tty,
             no_reboot: false,
+            exit_device: None,
+            pvpanic: true,
+            timeout: None,
             dump_acpi: None,
             control: None,
             seccomp: true,
@@ -166,6 +184,28 @@ impl Default for MemoryConfig {
         }
     }
 }
+
+/// The guest exit device's I/O ports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitDeviceConfig {
+    /// First port.
+    pub iobase: u16,
+    /// Number of ports: 1, 2 or 4.
+    pub iosize: u16,
+}
+
+impl Default for ExitDeviceConfig {
+    /// QEMU's `isa-debug-exit` defaults: `iobase=0x501,iosize=2`.
+    fn default() -> Self {
+        ExitDeviceConfig {
+            iobase: ports::EXIT_DEVICE_DEFAULT,
+            iosize: ports::EXIT_DEVICE_DEFAULT_SIZE,
+        }
+    }
+}
+
+/// Longest `--timeout` accepted: 365 days.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Where the guest's COM1 is connected.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -312,12 +352,15 @@ enum Opt {
     Control,
     Seccomp,
     LogLevel,
+    ExitDevice,
+    PvPanic,
+    Timeout,
     Help,
     Version,
 }
 
 impl Opt {
-    const ALL: [Opt; 13] = [
+    const ALL: [Opt; 16] = [
         Opt::Kernel,
         Opt::Initramfs,
         Opt::Cmdline,
@@ -329,6 +372,9 @@ impl Opt {
         Opt::Control,
         Opt::Seccomp,
         Opt::LogLevel,
+        Opt::ExitDevice,
+        Opt::PvPanic,
+        Opt::Timeout,
         Opt::Help,
         Opt::Version,
     ];
@@ -347,6 +393,9 @@ impl Opt {
             Opt::Control => "--control",
             Opt::Seccomp => "--seccomp",
             Opt::LogLevel => "--log-level",
+            Opt::ExitDevice => "--exit-device",
+            Opt::PvPanic => "--pvpanic",
+            Opt::Timeout => "--timeout",
             Opt::Help => "--help",
             Opt::Version => "--version",
         }
@@ -434,6 +483,9 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Co
             Opt::Control => config.control = Some(parse_control(flag, &value)?),
             Opt::Seccomp => config.seccomp = parse_on_off(flag, &value)?,
             Opt::LogLevel => config.log_level = parse_log_level(flag, &value)?,
+            Opt::ExitDevice => config.exit_device = parse_exit_device(flag, &value)?,
+            Opt::PvPanic => config.pvpanic = parse_on_off(flag, &value)?,
+            Opt::Timeout => config.timeout = Some(parse_timeout(flag, &value)?),
         }
     }
 
@@ -700,6 +752,123 @@ fn parse_on_off(flag: &'static str, value: &str) -> Result<bool, ConfigError> {
     }
 }
 
+/// A port number: decimal or `0x` hexadecimal.
+fn parse_port(flag: &'static str, key: &str, s: &str) -> Result<u16, ConfigError> {
+    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) if !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            u64::from_str_radix(hex, 16).ok()
+        }
+        Some(_) => None,
+        None => parse_decimal(s).flatten(),
+    };
+    match parsed {
+        Some(n) if n <= u64::from(u16::MAX) => Ok(n as u16),
+        _ => Err(invalid(
+            flag,
+            format!("{key}={s} is not a port number (0 to 0xffff, decimal or 0x hex)"),
+        )),
+    }
+}
+
+fn parse_exit_device(
+    flag: &'static str,
+    value: &str,
+) -> Result<Option<ExitDeviceConfig>, ConfigError> {
+    match value {
+        "off" => return Ok(None),
+        "on" => return Ok(Some(ExitDeviceConfig::default())),
+        _ => {}
+    }
+    let found = parse_key_values(
+        flag,
+        value,
+        &["iobase", "iosize"],
+        "on, off or iobase=PORT[,iosize=N]",
+    )?;
+    let mut dev = ExitDeviceConfig::default();
+    if let Some(s) = found[0] {
+        dev.iobase = parse_port(flag, "iobase", s)?;
+    }
+    if let Some(s) = found[1] {
+        dev.iosize = match s {
+            "1" => 1,
+            "2" => 2,
+            "4" => 4,
+            _ => {
+                return Err(invalid(
+                    flag,
+                    format!("iosize={s} is invalid (expected 1, 2 or 4)"),
+                ))
+            }
+        };
+    }
+    let end = u32::from(dev.iobase) + u32::from(dev.iosize);
+    if end > 0x1_0000 {
+        return Err(invalid(
+            flag,
+            format!("ports {:#x}..{end:#x} run past 0xffff", dev.iobase),
+        ));
+    }
+    if let Some(name) = ports::overlapping(dev.iobase, dev.iosize) {
+        return Err(invalid(
+            flag,
+            format!(
+                "ports {:#x}..{end:#x} overlap the {name} ports minivmm emulates",
+                dev.iobase
+            ),
+        ));
+    }
+    Ok(Some(dev))
+}
+
+/// Parses a DURATION: a decimal number with an optional `ms`, `s`, `m` or `h` suffix (seconds by
+/// default), more than zero and at most [`MAX_TIMEOUT`].
+fn parse_timeout(flag: &'static str, value: &str) -> Result<Duration, ConfigError> {
+    let digits_end = value
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(value.len());
+    let (digits, unit) = value.split_at(digits_end);
+    let bad = || {
+        invalid(
+            flag,
+            format!("invalid duration {value:?} (use a number with an optional ms, s, m or h suffix, e.g. 30s)"),
+        )
+    };
+    let scale_ms: u64 = match unit {
+        "ms" => 1,
+        "" | "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => return Err(bad()),
+    };
+    let too_long = || {
+        invalid(
+            flag,
+            format!(
+                "{value} is too long (at most {}h)",
+                MAX_TIMEOUT.as_secs() / 3600
+            ),
+        )
+    };
+    let n = match parse_decimal(digits) {
+        None => return Err(bad()),
+        Some(None) => return Err(too_long()),
+        Some(Some(n)) => n,
+    };
+    let ms = n.checked_mul(scale_ms).ok_or_else(too_long)?;
+    if ms == 0 {
+        return Err(invalid(
+            flag,
+            format!("{value} is zero; give a positive duration"),
+        ));
+    }
+    let d = Duration::from_millis(ms);
+    if d > MAX_TIMEOUT {
+        return Err(too_long());
+    }
+    Ok(d)
+}
+
 fn parse_log_level(flag: &'static str, value: &str) -> Result<log::LevelFilter, ConfigError> {
     match value.to_ascii_lowercase().as_str() {
         "error" => Ok(log::LevelFilter::Error),
@@ -790,6 +959,12 @@ mod tests {
             },
             serial: SerialMode::File(PathBuf::from("/tmp/console.log")),
             no_reboot: true,
+            exit_device: Some(ExitDeviceConfig {
+                iobase: 0xf4,
+                iosize: 4,
+            }),
+            pvpanic: false,
+            timeout: Some(Duration::from_secs(90)),
             dump_acpi: Some(PathBuf::from("/tmp/acpi")),
             control: Some(ControlEndpoint::Socket(PathBuf::from("/run/vm.sock"))),
             seccomp: false,
@@ -817,6 +992,12 @@ mod tests {
             "off",
             "--log-level",
             "debug",
+            "--exit-device",
+            "iobase=0xf4,iosize=4",
+            "--pvpanic",
+            "off",
+            "--timeout",
+            "90s",
         ]);
         assert_eq!(separate, expected);
         let joined = run(&[
@@ -831,8 +1012,112 @@ mod tests {
             "--control=/run/vm.sock",
             "--seccomp=off",
             "--log-level=DEBUG",
+            "--exit-device=iosize=4,iobase=244",
+            "--pvpanic=off",
+            "--timeout=90000ms",
         ]);
         assert_eq!(joined, expected);
+    }
+
+    #[test]
+    fn exit_device_values() {
+        let dev = |v: &str| run(&["--kernel", "k", "--exit-device", v]).exit_device;
+        assert_eq!(run(&["--kernel", "k"]).exit_device, None);
+        assert_eq!(dev("off"), None);
+        assert_eq!(
+            dev("on"),
+            Some(ExitDeviceConfig {
+                iobase: 0x501,
+                iosize: 2
+            })
+        );
+        assert_eq!(
+            dev("iobase=0xf4"),
+            Some(ExitDeviceConfig {
+                iobase: 0xf4,
+                iosize: 2
+            })
+        );
+        assert_eq!(
+            dev("iosize=1"),
+            Some(ExitDeviceConfig {
+                iobase: 0x501,
+                iosize: 1
+            })
+        );
+        assert_eq!(
+            dev("iobase=0xfffc,iosize=4").map(|d| d.iobase),
+            Some(0xfffc)
+        );
+        let e = |v: &str| err(&["--kernel", "k", "--exit-device", v]);
+        assert_eq!(
+            e("iobase=0x3f8"),
+            "--exit-device: ports 0x3f8..0x3fa overlap the COM1 ports minivmm emulates"
+        );
+        assert_eq!(
+            e("iobase=0x504"),
+            "--exit-device: ports 0x504..0x506 overlap the pvpanic ports minivmm emulates"
+        );
+        assert_eq!(
+            e("iobase=0xfffe,iosize=4"),
+            "--exit-device: ports 0xfffe..0x10002 run past 0xffff"
+        );
+        assert_eq!(
+            e("iosize=3"),
+            "--exit-device: iosize=3 is invalid (expected 1, 2 or 4)"
+        );
+        assert_eq!(
+            e("iobase=0x10000"),
+            "--exit-device: iobase=0x10000 is not a port number (0 to 0xffff, decimal or 0x hex)"
+        );
+        assert_eq!(
+            e("iobase=0x"),
+            "--exit-device: iobase=0x is not a port number (0 to 0xffff, decimal or 0x hex)"
+        );
+        assert_eq!(
+            e("yes"),
+            "--exit-device: expected key=value, got \"yes\" (expected on, off or iobase=PORT[,iosize=N])"
+        );
+        assert_eq!(
+            e("port=1"),
+            "--exit-device: unknown key \"port\" (expected iobase or iosize)"
+        );
+    }
+
+    #[test]
+    fn pvpanic_and_timeout_values() {
+        assert!(run(&["--kernel", "k"]).pvpanic);
+        assert!(!run(&["--kernel", "k", "--pvpanic", "off"]).pvpanic);
+        assert_eq!(
+            err(&["--kernel", "k", "--pvpanic", "maybe"]),
+            "--pvpanic: expected on or off, got \"maybe\""
+        );
+        let t = |v: &str| run(&["--kernel", "k", "--timeout", v]).timeout;
+        assert_eq!(run(&["--kernel", "k"]).timeout, None);
+        assert_eq!(t("5"), Some(Duration::from_secs(5)));
+        assert_eq!(t("5s"), Some(Duration::from_secs(5)));
+        assert_eq!(t("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(t("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(t("8760h"), Some(MAX_TIMEOUT));
+        let e = |v: &str| err(&["--kernel", "k", "--timeout", v]);
+        assert_eq!(e("0s"), "--timeout: 0s is zero; give a positive duration");
+        assert_eq!(e("8761h"), "--timeout: 8761h is too long (at most 8760h)");
+        assert_eq!(
+            e("99999999999999999999"),
+            "--timeout: 99999999999999999999 is too long (at most 8760h)"
+        );
+        assert_eq!(
+            e("1.5s"),
+            "--timeout: invalid duration \"1.5s\" (use a number with an optional ms, s, m or h suffix, e.g. 30s)"
+        );
+        assert_eq!(
+            e("s"),
+            "--timeout: invalid duration \"s\" (use a number with an optional ms, s, m or h suffix, e.g. 30s)"
+        );
+        assert_eq!(
+            e("-5s"),
+            "--timeout: invalid duration \"-5s\" (use a number with an optional ms, s, m or h suffix, e.g. 30s)"
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! info                         report the VM's current and pending sizes
 //! reboot | shutdown            reset or stop the VM
 //! powerbutton                  press the ACPI power button
+//! watch                        subscribe this connection to event lines ("event <name> k=v...")
 //! ping                         liveness check, replies "ok pong"
 //! help                         list the commands
 //! ```
@@ -41,6 +42,8 @@ pub enum Request {
     Shutdown,
     /// Press the ACPI power button.
     PowerButton,
+    /// Subscribe the connection to event lines.
+    Watch,
     /// Liveness check.
     Ping,
     /// List the commands.
@@ -119,6 +122,7 @@ pub fn parse_request(line: &[u8]) -> Result<Request, RequestError> {
         "reboot" => Request::Reboot,
         "shutdown" => Request::Shutdown,
         "powerbutton" => Request::PowerButton,
+        "watch" => Request::Watch,
         "ping" => Request::Ping,
         "help" => Request::Help,
         _ => return Err(RequestError::UnknownCommand(quote(command))),
@@ -137,6 +141,7 @@ fn command_name(request: Request) -> &'static str {
         Request::Reboot => "reboot",
         Request::Shutdown => "shutdown",
         Request::PowerButton => "powerbutton",
+        Request::Watch => "watch",
         Request::Ping => "ping",
         Request::Help => "help",
     }
@@ -330,6 +335,10 @@ pub struct VmInfo {
     pub removing: Vec<u32>,
     /// The guest's last hotplug status report (`_OST`), e.g. `cpu2:eject:busy`.
     pub last_ost: Option<String>,
+    /// Time since minivmm started.
+    pub uptime: std::time::Duration,
+    /// Time from this boot's start to the guest's first debug-port write, if it wrote.
+    pub boot_marker: Option<std::time::Duration>,
 }
 
 /// The VM as seen by the control pipe; the VMM implements it.
@@ -379,6 +388,13 @@ fn info_reply(info: &VmInfo) -> String {
             "last_ost",
             info.last_ost.clone().unwrap_or_else(|| "none".into()),
         ),
+        ("uptime", format!("{:.3}", info.uptime.as_secs_f64())),
+        (
+            "boot_ms",
+            info.boot_marker
+                .map(|d| d.as_millis().to_string())
+                .unwrap_or_else(|| "none".into()),
+        ),
     ])
 }
 
@@ -386,23 +402,41 @@ fn help_reply() -> String {
     ok_reply(&[
         (
             "commands",
-            "resize,info,reboot,shutdown,powerbutton,ping,help".to_string(),
+            "resize,info,reboot,shutdown,powerbutton,watch,ping,help".to_string(),
         ),
         ("resize_args", "cpus=N,mem=SIZE".to_string()),
     ])
 }
 
+/// The answer to one request line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// The reply line, with its `'\n'`.
+    pub line: String,
+    /// The connection asked to receive event lines from now on (`watch`).
+    pub subscribe: bool,
+}
+
 /// Parses one line (as returned by LineReader) and returns exactly one reply line.
 pub fn handle_line(line: &[u8], target: &mut dyn ControlTarget) -> String {
+    respond(line, target).line
+}
+
+/// Parses one line and answers it: [`handle_line`] with whether the client subscribed to events.
+pub fn respond(line: &[u8], target: &mut dyn ControlTarget) -> Reply {
+    let reply = |line: String| Reply {
+        line,
+        subscribe: false,
+    };
     let request = match parse_request(line) {
         Ok(request) => request,
-        Err(e) => return error_reply(&e.to_string()),
+        Err(e) => return reply(error_reply(&e.to_string())),
     };
     let done = |result: Result<(), String>, ok: &str| match result {
         Ok(()) => ok.to_string(),
         Err(e) => error_reply(&e),
     };
-    match request {
+    reply(match request {
         Request::Resize { cpus, mem } => match target.resize(cpus, mem) {
             Ok(info) => resize_reply(&info),
             Err(e) => error_reply(&e),
@@ -411,16 +445,25 @@ pub fn handle_line(line: &[u8], target: &mut dyn ControlTarget) -> String {
         Request::Reboot => done(target.reboot(), "ok rebooting\n"),
         Request::Shutdown => done(target.shutdown(), "ok shutting down\n"),
         Request::PowerButton => done(target.power_button(), "ok\n"),
+        Request::Watch => {
+            return Reply {
+                line: "ok watching\n".to_string(),
+                subscribe: true,
+            }
+        }
         Request::Ping => "ok pong\n".to_string(),
         Request::Help => help_reply(),
-    }
+    })
 }
 
-/// Replies to one framed [`Line`]: [`handle_line`] for a complete line, an error for an over-long one.
-pub fn handle(line: &Line, target: &mut dyn ControlTarget) -> String {
+/// Replies to one framed [`Line`]: [`respond`] for a complete line, an error for an over-long one.
+pub fn handle(line: &Line, target: &mut dyn ControlTarget) -> Reply {
     match line {
-        Line::Complete(bytes) => handle_line(bytes, target),
-        Line::TooLong => error_reply(&RequestError::TooLong.to_string()),
+        Line::Complete(bytes) => respond(bytes, target),
+        Line::TooLong => Reply {
+            line: error_reply(&RequestError::TooLong.to_string()),
+            subscribe: false,
+        },
     }
 }
 
@@ -442,6 +485,7 @@ mod tests {
             ("reboot", Request::Reboot),
             ("shutdown", Request::Shutdown),
             ("powerbutton", Request::PowerButton),
+            ("watch", Request::Watch),
             ("ping", Request::Ping),
             ("help", Request::Help),
             (
@@ -712,6 +756,8 @@ mod tests {
                     hotplug_slots_free: 28,
                     removing: vec![],
                     last_ost: None,
+                    uptime: std::time::Duration::from_millis(12_345),
+                    boot_marker: None,
                 },
                 fail: None,
                 calls: vec![],
@@ -765,7 +811,8 @@ mod tests {
         assert_eq!(
             handle_line(b"info\n", &mut vm),
             "ok state=running cpus=2 pending_cpus=2 max_cpus=8 mem=512M pending_mem=512M \
-             max_mem=4G hotplug_slots_free=28 removing=none last_ost=none\n"
+             max_mem=4G hotplug_slots_free=28 removing=none last_ost=none uptime=12.345 \
+             boot_ms=none\n"
         );
         assert_eq!(
             handle_line(b"resize mem=1536M cpus=4\r", &mut vm),
@@ -778,15 +825,27 @@ mod tests {
         assert_eq!(
             handle_line(b"info", &mut vm),
             "ok state=running cpus=4 pending_cpus=1 max_cpus=8 mem=1536M pending_mem=1536M \
-             max_mem=4G hotplug_slots_free=28 removing=1,2,3 last_ost=none\n"
+             max_mem=4G hotplug_slots_free=28 removing=1,2,3 last_ost=none uptime=12.345 \
+             boot_ms=none\n"
         );
+        vm.info.boot_marker = Some(std::time::Duration::from_micros(812_700));
+        assert!(handle_line(b"info", &mut vm).ends_with(" uptime=12.345 boot_ms=812\n"));
+        assert_eq!(
+            respond(b"watch", &mut vm),
+            Reply {
+                line: "ok watching\n".into(),
+                subscribe: true
+            }
+        );
+        assert!(!respond(b"info", &mut vm).subscribe);
+        assert!(!respond(b"watch now", &mut vm).subscribe);
         assert_eq!(handle_line(b"reboot", &mut vm), "ok rebooting\n");
         assert_eq!(handle_line(b"shutdown", &mut vm), "ok shutting down\n");
         assert_eq!(handle_line(b"powerbutton", &mut vm), "ok\n");
         assert_eq!(handle_line(b"ping", &mut vm), "ok pong\n");
         let help = handle_line(b"help", &mut vm);
         assert!(
-            help.starts_with("ok commands=resize,info,reboot,shutdown,powerbutton,ping,help"),
+            help.starts_with("ok commands=resize,info,reboot,shutdown,powerbutton,watch,ping,help"),
             "{help}"
         );
         assert_eq!(help.matches('\n').count(), 1);
@@ -818,10 +877,10 @@ mod tests {
             "error request is not valid UTF-8\n"
         );
         assert_eq!(
-            handle(&Line::TooLong, &mut vm),
+            handle(&Line::TooLong, &mut vm).line,
             "error request is longer than 4096 bytes\n"
         );
-        assert_eq!(handle(&complete("ping"), &mut vm), "ok pong\n");
+        assert_eq!(handle(&complete("ping"), &mut vm).line, "ok pong\n");
         assert!(vm.calls.is_empty());
     }
 

@@ -51,6 +51,8 @@ struct Conn {
     lines: LineReader,
     pending: Vec<u8>,
     eof: bool,
+    /// The client sent `watch`: event lines are queued for it.
+    watching: bool,
 }
 
 impl Conn {
@@ -61,6 +63,7 @@ impl Conn {
             lines: LineReader::new(),
             pending: Vec::new(),
             eof: false,
+            watching: false,
         }
     }
 }
@@ -162,9 +165,55 @@ impl ControlServer {
         {
             serve(conn, target);
         }
+        self.settle(epoll, token);
+    }
+
+    /// Queues an event line (without `'\n'`) for every client that sent `watch`. A watcher that
+    /// has more than 64 KiB bytes unread is disconnected, like any client that
+    /// does not read its replies: the VM never waits for a client.
+    pub fn broadcast(&mut self, epoll: &Epoll, line: &str) {
+        let mut tokens = Vec::new();
+        let fd_conn = self.fd_conn.iter_mut().map(|c| (TOKEN_FD, c));
+        for (token, conn) in fd_conn.chain(self.clients.iter_mut().map(|(t, c)| (*t, c))) {
+            if conn.watching && conn.output.is_some() {
+                conn.pending.extend_from_slice(line.as_bytes());
+                conn.pending.push(b'\n');
+                flush(conn);
+                tokens.push(token);
+            }
+        }
+        for token in tokens {
+            self.settle(epoll, token);
+        }
+    }
+
+    /// Writes what the clients accept now, without waiting (used once, before minivmm exits).
+    pub fn flush_all(&mut self) {
+        if let Some(c) = self.fd_conn.as_mut() {
+            flush(c);
+        }
+        for c in self.clients.values_mut() {
+            flush(c);
+        }
+    }
+
+    /// After I/O on a connection: closes it when it is done or too far behind, else watches it
+    /// for the readiness it needs.
+    fn settle(&mut self, epoll: &Epoll, token: u64) {
+        let conn = if token == TOKEN_FD {
+            self.fd_conn.as_mut()
+        } else {
+            self.clients.get_mut(&token)
+        };
+        let Some(conn) = conn else { return };
         let done = (conn.eof && (conn.pending.is_empty() || conn.output.is_none()))
             || conn.pending.len() > MAX_PENDING_OUTPUT;
         if done {
+            if conn.pending.len() > MAX_PENDING_OUTPUT {
+                log::warn!(
+                    "control: a client left more than {MAX_PENDING_OUTPUT} bytes unread; disconnected"
+                );
+            }
             self.close(epoll, token);
             return;
         }
@@ -258,8 +307,9 @@ fn serve(conn: &mut Conn, target: &mut dyn ControlTarget) {
         Ok(0) => conn.eof = true,
         Ok(n) => {
             for line in conn.lines.push(&buf[..n]) {
-                conn.pending
-                    .extend_from_slice(handle(&line, target).as_bytes());
+                let reply = handle(&line, target);
+                conn.pending.extend_from_slice(reply.line.as_bytes());
+                conn.watching |= reply.subscribe;
             }
             flush(conn);
         }

@@ -5,9 +5,11 @@ use std::io::ErrorKind;
 use std::os::fd::RawFd;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::control_socket::ControlServer;
-use crate::devices::ResetCause;
+use crate::events::Event;
+use crate::exit::Exit;
 use crate::vcpu::VcpuEvent;
 use crate::vmm::{Request, Vmm, VmmError};
 
@@ -15,19 +17,7 @@ const TOKEN_STDIN: u64 = 1;
 const TOKEN_INPUT_ROOM: u64 = 2;
 const TOKEN_VCPU_EVENTS: u64 = 3;
 const TOKEN_SIGNAL: u64 = 4;
-
-/// Why the loop ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Exit {
-    /// The guest powered off, or `shutdown` was requested on the control pipe.
-    PowerOff,
-    /// The guest reset and `--no-reboot` was given.
-    Reset(ResetCause),
-    /// The guest or KVM failed; the message says how (exit reason, RIP).
-    Fatal(String),
-    /// A termination signal arrived.
-    Signal(i32),
-}
+const TOKEN_TIMEOUT: u64 = 5;
 
 /// Event loop errors.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +28,38 @@ pub enum EventLoopError {
     /// Rebuilding the VM on reboot failed.
     #[error("reboot failed: {0}")]
     Reboot(#[source] VmmError),
+    /// The `--timeout` timer could not be set up.
+    #[error("--timeout: cannot arm a timerfd: {0}")]
+    Timer(#[source] std::io::Error),
+}
+
+/// The `--timeout` limit: a timerfd armed when minivmm starts.
+pub struct Timeout {
+    timer: TimerFd,
+    limit: std::time::Duration,
+}
+
+impl Timeout {
+    /// Arms a one-shot timer that expires `limit` from now (call before seccomp is installed).
+    pub fn arm(limit: std::time::Duration) -> Result<Timeout, EventLoopError> {
+        let mut timer = TimerFd::new().map_err(|e| EventLoopError::Timer(e.into()))?;
+        timer
+            .reset(limit, None)
+            .map_err(|e| EventLoopError::Timer(e.into()))?;
+        Ok(Timeout { timer, limit })
+    }
+}
+
+/// What the loop watches besides the VMM's own fds.
+pub struct Sources {
+    /// The control pipe, if any.
+    pub control: Option<ControlServer>,
+    /// Host console input (None with `--serial off|file`).
+    pub stdin: Option<RawFd>,
+    /// Termination signals, from [`termination_signalfd`].
+    pub signal_fd: RawFd,
+    /// The `--timeout` limit, if any.
+    pub timeout: Option<Timeout>,
 }
 
 /// Host input waiting for room in the guest UART.
@@ -155,16 +177,12 @@ fn read_signal(fd: RawFd) -> Option<i32> {
     }
 }
 
-/// Runs the VM until it powers off, faults, is reset with `--no-reboot`, or a signal arrives.
+/// Runs the VM until it powers off, exits through the exit device, panics, faults, is reset with
+/// `--no-reboot`, times out or a signal arrives.
 ///
-/// `stdin` is the host console input (None with `--serial off|file`); `signal_fd` comes from
-/// [`termination_signalfd`].
-pub fn run(
-    vmm: &mut Vmm,
-    mut control: Option<ControlServer>,
-    stdin: Option<RawFd>,
-    signal_fd: RawFd,
-) -> Result<Exit, EventLoopError> {
+/// Events the VMM queues are sent to `watch` clients after each wakeup; the last one, `exit`,
+/// is flushed without waiting before the loop returns.
+pub fn run(vmm: &mut Vmm, mut sources: Sources) -> Result<Exit, EventLoopError> {
     let io = |what| move |e| EventLoopError::Io(what, e);
     let epoll = Epoll::new().map_err(io("epoll_create1"))?;
     let add = |fd: RawFd, token: u64| {
@@ -179,13 +197,16 @@ pub fn run(
     use std::os::fd::AsRawFd;
     add(vmm.events_fd().as_raw_fd(), TOKEN_VCPU_EVENTS)?;
     add(vmm.input_room_fd().as_raw_fd(), TOKEN_INPUT_ROOM)?;
-    add(signal_fd, TOKEN_SIGNAL)?;
-    if let Some(c) = &control {
+    add(sources.signal_fd, TOKEN_SIGNAL)?;
+    if let Some(t) = &sources.timeout {
+        add(t.timer.as_raw_fd(), TOKEN_TIMEOUT)?;
+    }
+    if let Some(c) = &sources.control {
         c.register(&epoll)
             .map_err(|e| EventLoopError::Io("control pipe", std::io::Error::other(e)))?;
     }
     let mut input = InputPump {
-        fd: stdin,
+        fd: sources.stdin,
         pending: Vec::new(),
         watching: false,
     };
@@ -198,50 +219,96 @@ pub fn run(
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => return Err(EventLoopError::Io("epoll_wait", e)),
         };
+        let mut exit = None;
         for ev in &events[..n] {
-            match ev.data() {
-                TOKEN_STDIN => input.on_readable(&epoll, vmm),
-                TOKEN_INPUT_ROOM => {
-                    let _ = vmm.input_room_fd().read();
-                    input.on_room(&epoll, vmm);
-                }
-                TOKEN_VCPU_EVENTS => match vmm.process_vcpu_events() {
-                    None => {}
-                    Some(VcpuEvent::PowerOff) => return Ok(Exit::PowerOff),
-                    Some(VcpuEvent::Reset(cause)) if vmm.no_reboot() => {
-                        return Ok(Exit::Reset(cause))
-                    }
-                    Some(VcpuEvent::Reset(cause)) => {
-                        log::log!(cause.log_level(), "guest reset through {cause}: rebooting");
-                        vmm.reboot().map_err(EventLoopError::Reboot)?;
-                        input.on_room(&epoll, vmm);
-                    }
-                    Some(VcpuEvent::Fatal { cpu, reason }) => {
-                        return Ok(Exit::Fatal(format!("vCPU {cpu}: {reason}")))
-                    }
-                    Some(other) => log::debug!("ignored vCPU event {other:?}"),
-                },
-                TOKEN_SIGNAL => {
-                    if let Some(sig) = read_signal(signal_fd) {
-                        return Ok(Exit::Signal(sig));
-                    }
-                }
-                token if ControlServer::owns(token) => {
-                    if let Some(c) = control.as_mut() {
-                        c.handle(&epoll, token, ev.event_set(), vmm);
-                    }
-                    match vmm.take_request() {
-                        None => {}
-                        Some(Request::Shutdown) => return Ok(Exit::PowerOff),
-                        Some(Request::Reboot) => {
-                            log::info!("reboot requested on the control pipe");
-                            vmm.reboot().map_err(EventLoopError::Reboot)?;
-                            input.on_room(&epoll, vmm);
-                        }
-                    }
-                }
-                other => log::debug!("spurious epoll token {other}"),
+            exit = dispatch(vmm, &mut sources, &epoll, &mut input, ev)?;
+            if exit.is_some() {
+                break;
             }
         }
+        let pending = vmm.take_events();
+        if let Some(control) = sources.control.as_mut() {
+            for event in &pending {
+                control.broadcast(&epoll, &event.to_string());
+            }
+        }
+        if let Some(exit) = exit {
+            if let Some(control) = sources.control.as_mut() {
+                let event = Event::Exit {
+                    code: exit.code(),
+                    reason: exit.token(),
+                };
+                control.broadcast(&epoll, &event.to_string());
+                control.flush_all();
+            }
+            return Ok(exit);
+        }
     }
+}
+
+/// Handles one ready fd; returns the exit reason if the VM must stop.
+fn dispatch(
+    vmm: &mut Vmm,
+    sources: &mut Sources,
+    epoll: &Epoll,
+    input: &mut InputPump,
+    ev: &EpollEvent,
+) -> Result<Option<Exit>, EventLoopError> {
+    match ev.data() {
+        TOKEN_STDIN => input.on_readable(epoll, vmm),
+        TOKEN_INPUT_ROOM => {
+            let _ = vmm.input_room_fd().read();
+            input.on_room(epoll, vmm);
+        }
+        TOKEN_VCPU_EVENTS => match vmm.process_vcpu_events() {
+            None => {}
+            Some(VcpuEvent::PowerOff) => return Ok(Some(Exit::PowerOff)),
+            Some(VcpuEvent::GuestExit(value)) => return Ok(Some(Exit::GuestExit(value))),
+            Some(VcpuEvent::Panic { cpu }) => {
+                log::error!("the guest panicked (pvpanic write from vCPU {cpu})");
+                vmm.push_event(Event::Panic);
+                return Ok(Some(Exit::Panic));
+            }
+            Some(VcpuEvent::Reset(cause)) if vmm.no_reboot() => {
+                return Ok(Some(Exit::Reset(cause)))
+            }
+            Some(VcpuEvent::Reset(cause)) => {
+                vmm.guest_reset(cause).map_err(EventLoopError::Reboot)?;
+                input.on_room(epoll, vmm);
+            }
+            Some(VcpuEvent::Fatal { cpu, reason }) => {
+                return Ok(Some(Exit::Fatal(format!("vCPU {cpu}: {reason}"))))
+            }
+            Some(other) => log::debug!("ignored vCPU event {other:?}"),
+        },
+        TOKEN_SIGNAL => {
+            if let Some(sig) = read_signal(sources.signal_fd) {
+                return Ok(Some(Exit::Signal(sig)));
+            }
+        }
+        TOKEN_TIMEOUT => {
+            if let Some(t) = &mut sources.timeout {
+                // The timer is one-shot: readable means it expired.
+                let _ = t.timer.wait();
+                return Ok(Some(Exit::Timeout(t.limit)));
+            }
+        }
+        token if ControlServer::owns(token) => {
+            if let Some(c) = sources.control.as_mut() {
+                c.handle(epoll, token, ev.event_set(), vmm);
+            }
+            match vmm.take_request() {
+                None => {}
+                Some(Request::Shutdown) => return Ok(Some(Exit::PowerOff)),
+                Some(Request::Reboot) => {
+                    log::info!("reboot requested on the control pipe");
+                    vmm.push_event(Event::Reboot { cause: "control" });
+                    vmm.reboot().map_err(EventLoopError::Reboot)?;
+                    input.on_room(epoll, vmm);
+                }
+            }
+        }
+        other => log::debug!("spurious epoll token {other}"),
+    }
+    Ok(None)
 }

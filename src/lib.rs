@@ -14,6 +14,8 @@ pub mod control;
 pub mod control_socket;
 pub mod devices;
 pub mod event_loop;
+pub mod events;
+pub mod exit;
 pub mod logger;
 pub mod seccomp;
 pub mod terminal;
@@ -26,16 +28,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use config::{SerialMode, VmConfig};
-pub use event_loop::Exit;
-
-/// Exit code: guest powered off, `shutdown` requested, or SIGTERM/SIGINT/SIGHUP.
-pub const EXIT_OK: i32 = 0;
-/// Exit code: bad arguments or a setup error.
-pub const EXIT_ERROR: i32 = 1;
-/// Exit code: the guest rebooted and `--no-reboot` was given.
-pub const EXIT_REBOOT: i32 = 2;
-/// Exit code: the guest faulted (triple fault, KVM internal error, unexpected exit).
-pub const EXIT_GUEST_FAULT: i32 = 3;
+pub use exit::{
+    Exit, EXIT_ERROR, EXIT_GUEST_FAULT, EXIT_OK, EXIT_PANIC, EXIT_REBOOT, EXIT_SECCOMP,
+    EXIT_TIMEOUT,
+};
 
 /// Errors that stop minivmm before or while running the guest.
 #[derive(Debug, thiserror::Error)]
@@ -87,15 +83,14 @@ fn open(what: &'static str, path: &Path) -> Result<File, Error> {
 /// The exit code for an outcome of [`run`].
 pub fn exit_code(result: &Result<Exit, Error>) -> i32 {
     match result {
-        Ok(Exit::PowerOff) | Ok(Exit::Signal(_)) => EXIT_OK,
-        Ok(Exit::Reset(_)) => EXIT_REBOOT,
-        Ok(Exit::Fatal(_)) => EXIT_GUEST_FAULT,
+        Ok(exit) => exit.code(),
         Err(_) => EXIT_ERROR,
     }
 }
 
 /// Boots the guest described by `config` and runs it until it stops.
 pub fn run(config: VmConfig) -> Result<Exit, Error> {
+    let started = std::time::Instant::now();
     // Everything that needs the file system or new fds happens before the filters go on.
     let kvm = vm::open_kvm()?;
     let kernel = open("kernel", &config.kernel)?;
@@ -105,10 +100,9 @@ pub fn run(config: VmConfig) -> Result<Exit, Error> {
     };
     if let Some(dir) = &config.dump_acpi {
         let tables = acpi::build(&vmm::acpi_config(
+            &config,
             config.cpus.boot,
-            config.cpus.max,
             config.memory.size,
-            config.memory.size + config.memory.hotplug_size,
         ))?;
         acpi::dump(dir, &tables)?;
     }
@@ -117,6 +111,11 @@ pub fn run(config: VmConfig) -> Result<Exit, Error> {
         None => None,
     };
     let signal_fd = event_loop::termination_signalfd()?;
+    // Armed now, so the limit counts from minivmm's start.
+    let timeout = match config.timeout {
+        Some(limit) => Some(event_loop::Timeout::arm(limit)?),
+        None => None,
+    };
     vcpu::install_kick_handler()?;
 
     let mut _stdout_flags = None;
@@ -160,9 +159,16 @@ pub fn run(config: VmConfig) -> Result<Exit, Error> {
         initramfs,
         vmm::SharedWriter::new(out),
         vcpu_filter,
+        started,
     )?;
     vmm.boot()?;
-    let exit = event_loop::run(&mut vmm, control, stdin, signal_fd)?;
+    let sources = event_loop::Sources {
+        control,
+        stdin,
+        signal_fd,
+        timeout,
+    };
+    let exit = event_loop::run(&mut vmm, sources)?;
     vmm.teardown();
     Ok(exit)
 }

@@ -23,6 +23,18 @@ fn main() {
                     "guest reset through {cause}; exiting because of --no-reboot"
                 ),
                 Ok(Exit::Signal(sig)) => log::info!("stopped by signal {sig}"),
+                Ok(exit @ Exit::GuestExit(value)) => log::info!(
+                    "guest wrote {value:#x} to the exit device: exit code {}",
+                    exit.code()
+                ),
+                Ok(Exit::Panic) => eprintln!(
+                    "\rminivmm: guest panic (reported through pvpanic): exit code {}\r",
+                    minivmm::EXIT_PANIC
+                ),
+                Ok(Exit::Timeout(after)) => eprintln!(
+                    "\rminivmm: --timeout expired after {after:?}: guest stopped, exit code {}\r",
+                    minivmm::EXIT_TIMEOUT
+                ),
                 Ok(Exit::Fatal(msg)) => eprintln!("\rminivmm: guest fault: {msg}\r"),
                 Err(e) => eprintln!("\rminivmm: {e}\r"),
             }

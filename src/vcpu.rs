@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
@@ -37,8 +38,24 @@ pub enum VcpuEvent {
     Reset(ResetCause),
     /// The guest powered off (ACPI S5 or a KVM shutdown system event).
     PowerOff,
+    /// The guest wrote this value to the exit device.
+    GuestExit(u32),
+    /// The guest panicked (pvpanic).
+    Panic {
+        /// vCPU that reported it.
+        cpu: u32,
+    },
+    /// The guest's first write to the debug port this boot.
+    BootMarker {
+        /// Value written.
+        value: u8,
+        /// When the vCPU saw it.
+        at: Instant,
+    },
     /// The guest ejected this vCPU (`_EJ0`); its thread must be stopped.
     Ejected(u32),
+    /// This vCPU came online: the guest kernel set up its SYSCALL entry (IA32_LSTAR).
+    Online(u32),
     /// The guest reported a hotplug status through `_OST`.
     Ost(DeviceEvent),
     /// The vCPU hit a condition it cannot continue from.
@@ -177,6 +194,11 @@ fn run_vcpu(id: u32, mut vcpu: VcpuFd, ctx: VcpuContext, kill: &AtomicBool) -> V
 /// What the loop does after one exit.
 enum Next {
     Continue,
+    /// Complete a guest MSR write that KVM's filter sent here.
+    WriteMsr {
+        index: u32,
+        data: u64,
+    },
     /// Report this event, then wait to be stopped without entering the guest again.
     Stop(VcpuEvent),
 }
@@ -194,8 +216,18 @@ fn run_loop(id: u32, mut vcpu: VcpuFd, ctx: &VcpuContext, kill: &AtomicBool) -> 
                 reason: format!("KVM_RUN failed: {e}"),
             }),
         };
+        let next = match next {
+            Next::WriteMsr { index, data } => match write_msr(&vcpu, index, data) {
+                Ok(()) => {
+                    ctx.events.send(VcpuEvent::Online(id));
+                    Next::Continue
+                }
+                Err(reason) => Next::Stop(fatal(id, reason)),
+            },
+            other => other,
+        };
         match next {
-            Next::Continue => {}
+            Next::Continue | Next::WriteMsr { .. } => {}
             Next::Stop(event) => {
                 let event = describe(&mut vcpu, event);
                 ctx.events.send(event);
@@ -222,6 +254,14 @@ fn handle_exit(id: u32, exit: VcpuExit<'_>, ctx: &VcpuContext) -> Next {
         }
         VcpuExit::MmioWrite(addr, data) => ctx.mmio.write(addr, data),
         VcpuExit::Intr => None,
+        VcpuExit::X86Wrmsr(exit) => {
+            // Only IA32_LSTAR is filtered; minivmm performs the write itself with KVM_SET_MSRS.
+            *exit.error = 0;
+            return Next::WriteMsr {
+                index: exit.index,
+                data: exit.data,
+            };
+        }
         VcpuExit::SystemEvent(kind, _) => {
             return match kind {
                 kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Next::Stop(VcpuEvent::PowerOff),
@@ -251,6 +291,15 @@ fn handle_exit(id: u32, exit: VcpuExit<'_>, ctx: &VcpuContext) -> Next {
         None | Some(DeviceEvent::None) => Next::Continue,
         Some(DeviceEvent::Reset(cause)) => Next::Stop(VcpuEvent::Reset(cause)),
         Some(DeviceEvent::PowerOff) => Next::Stop(VcpuEvent::PowerOff),
+        Some(DeviceEvent::GuestExit(value)) => Next::Stop(VcpuEvent::GuestExit(value)),
+        Some(DeviceEvent::Panic) => Next::Stop(VcpuEvent::Panic { cpu: id }),
+        Some(DeviceEvent::BootMarker(value)) => {
+            ctx.events.send(VcpuEvent::BootMarker {
+                value,
+                at: Instant::now(),
+            });
+            Next::Continue
+        }
         Some(DeviceEvent::CpuEject(cpu)) => {
             ctx.events.send(VcpuEvent::Ejected(cpu));
             Next::Continue
@@ -259,6 +308,22 @@ fn handle_exit(id: u32, exit: VcpuExit<'_>, ctx: &VcpuContext) -> Next {
             ctx.events.send(VcpuEvent::Ost(ost));
             Next::Continue
         }
+    }
+}
+
+/// Performs a guest MSR write that the MSR filter sent to userspace.
+fn write_msr(vcpu: &VcpuFd, index: u32, data: u64) -> Result<(), String> {
+    let entry = kvm_bindings::kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    };
+    let msrs =
+        kvm_bindings::Msrs::from_entries(&[entry]).map_err(|e| format!("MSR {index:#x}: {e:?}"))?;
+    match vcpu.set_msrs(&msrs) {
+        Ok(1) => Ok(()),
+        Ok(_) => Err(format!("KVM_SET_MSRS refused MSR {index:#x} = {data:#x}")),
+        Err(e) => Err(format!("KVM_SET_MSRS of MSR {index:#x} failed: {e}")),
     }
 }
 

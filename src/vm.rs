@@ -4,10 +4,12 @@
 use std::sync::Arc;
 
 use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
-    KVM_PIT_SPEAKER_DUMMY,
+    kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_CAP_X86_USER_SPACE_MSR,
+    KVM_MAX_CPUID_ENTRIES, KVM_MSR_EXIT_REASON_FILTER, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{
+    Cap, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuFd, VmFd,
+};
 use vm_memory::{
     GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
     MmapRegion,
@@ -115,10 +117,43 @@ impl Vm {
             max_slots,
             supported_cpuid,
         };
+        vm.trap_lstar_writes();
         for &(addr, size) in ram {
             vm.add_memory(addr, size as u64)?;
         }
         Ok(vm)
+    }
+
+    /// Sends guest writes of IA32_LSTAR to userspace (`KVM_EXIT_X86_WRMSR`): every CPU writes it
+    /// once while the kernel brings it up, which is how minivmm sees a vCPU come online. Reads
+    /// and every other MSR stay in KVM. Optional: without `KVM_CAP_X86_USER_SPACE_MSR` there are
+    /// simply no online events.
+    fn trap_lstar_writes(&self) {
+        let cap = kvm_enable_cap {
+            cap: KVM_CAP_X86_USER_SPACE_MSR,
+            args: [u64::from(KVM_MSR_EXIT_REASON_FILTER), 0, 0, 0],
+            ..Default::default()
+        };
+        if let Err(e) = self.fd.enable_cap(&cap) {
+            log::debug!(
+                "KVM_ENABLE_CAP(KVM_CAP_X86_USER_SPACE_MSR) failed: {e}; no cpu-online events"
+            );
+            return;
+        }
+        // One MSR, write-filtered, bit 0 clear: denied in KVM, so it exits to userspace.
+        let deny = [0u8; 1];
+        let range = MsrFilterRange {
+            flags: MsrFilterRangeFlags::WRITE,
+            base: msr::MSR_LSTAR,
+            msr_count: 1,
+            bitmap: &deny,
+        };
+        if let Err(e) = self
+            .fd
+            .set_msr_filter(MsrFilterDefaultAction::ALLOW, &[range])
+        {
+            log::debug!("KVM_X86_SET_MSR_FILTER failed: {e}; no cpu-online events");
+        }
     }
 
     /// The VM fd.

@@ -9,7 +9,7 @@ use std::io::{Seek, SeekFrom, Write};
 use std::ops::Range;
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::{Kvm, VcpuFd};
 use vm_memory::GuestAddress;
@@ -22,13 +22,17 @@ use crate::config::{format_size, VmConfig, MEMORY_SIZE_ALIGN, MIN_MEMORY_SIZE};
 use crate::control::{ControlTarget, VmInfo};
 use crate::devices::acpi_pm::AcpiPm;
 use crate::devices::cpu_hotplug::CpuHotplug;
+use crate::devices::debug_exit::DebugExit;
+use crate::devices::debug_port::DebugPort;
 use crate::devices::ged::{Ged, GED_CPU, GED_MEMORY, GED_POWER_BUTTON};
 use crate::devices::i8042::I8042;
 use crate::devices::mem_hotplug::MemHotplug;
+use crate::devices::pvpanic::PvPanic;
 use crate::devices::reset_control::ResetControl;
 use crate::devices::rtc::Rtc;
 use crate::devices::serial::SerialDevice;
-use crate::devices::{Bus, BusDevice, DeviceEvent, Trigger};
+use crate::devices::{Bus, BusDevice, DeviceEvent, ResetCause, Trigger};
+use crate::events::Event;
 use crate::seccomp::BpfProgram;
 use crate::vcpu::{EventSink, VcpuContext, VcpuEvent, VcpuThread};
 use crate::vm::{Vm, VmError};
@@ -97,6 +101,10 @@ struct Machine {
     boot_mem: u64,
     window: Range<u64>,
     hotplugged: u64,
+    /// When this boot started (before the VM was created).
+    started: Instant,
+    /// Time from `started` to the guest's first debug-port write.
+    boot_marker: Option<Duration>,
 }
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -125,6 +133,10 @@ pub struct Vmm {
     boots: u32,
     requested: Option<Request>,
     last_ost: Option<String>,
+    /// When minivmm started (for `uptime` and the boot marker).
+    process_started: Instant,
+    /// Events not yet handed to the front ends (drained by [`Vmm::take_events`]).
+    events: Vec<Event>,
 }
 
 /// A lifecycle change asked for on the control pipe, carried out after the reply is sent.
@@ -162,12 +174,14 @@ fn hotplug_slots(window: &Range<u64>) -> usize {
 }
 
 /// ACPI configuration for a boot.
-pub fn acpi_config(cpus: u32, max_cpus: u32, mem: u64, max_mem: u64) -> AcpiConfig {
+pub fn acpi_config(config: &VmConfig, cpus: u32, mem: u64) -> AcpiConfig {
+    let max_mem = config.memory.size + config.memory.hotplug_size;
     let window = memory::hotplug_window(mem, max_mem - mem);
     AcpiConfig {
         boot_cpus: cpus,
-        max_cpus,
+        max_cpus: config.cpus.max,
         memory_slots: hotplug_slots(&window),
+        pvpanic: config.pvpanic,
     }
 }
 
@@ -175,7 +189,7 @@ impl Vmm {
     /// Prepares a VMM; nothing runs until [`Vmm::boot`].
     ///
     /// `serial_out` receives the guest's console output; `vcpu_filter` is installed on every vCPU
-    /// thread.
+    /// thread; `process_started` is when minivmm started (`uptime` and boot times count from it).
     pub fn new(
         config: VmConfig,
         kvm: Kvm,
@@ -183,6 +197,7 @@ impl Vmm {
         initramfs: Option<File>,
         serial_out: SharedWriter,
         vcpu_filter: Option<Arc<BpfProgram>>,
+        process_started: Instant,
     ) -> Result<Vmm, VmmError> {
         let eventfd = || EventFd::new(EFD_NONBLOCK).map_err(VmmError::EventFd);
         let (tx, events_rx) = channel();
@@ -211,6 +226,8 @@ impl Vmm {
             boots: 0,
             requested: None,
             last_ost: None,
+            process_started,
+            events: Vec::new(),
             config,
         })
     }
@@ -261,6 +278,8 @@ impl Vmm {
             boot_mem: spec.mem,
             window,
             hotplugged: 0,
+            started,
+            boot_marker: None,
         };
         for (id, fd) in fds.into_iter().enumerate() {
             match VcpuThread::spawn(id as u32, fd, machine.ctx.clone()) {
@@ -275,6 +294,11 @@ impl Vmm {
         self.target_cpus = spec.cpus;
         self.removal_since = None;
         self.boots += 1;
+        self.events.push(Event::Boot {
+            n: self.boots,
+            cpus: spec.cpus,
+            mem: spec.mem,
+        });
         log::info!(
             "boot {}: {} vCPUs (max {}), {} RAM (max {}), set up in {:?}",
             self.boots,
@@ -302,8 +326,7 @@ impl Vmm {
             _ => None,
         };
         boot::configure_system(vm.memory(), &kernel, &self.cmdline, initrd, spec.mem)?;
-        let max_cpus = self.config.cpus.max;
-        let tables = acpi::build(&acpi_config(spec.cpus, max_cpus, spec.mem, self.max_mem()))?;
+        let tables = acpi::build(&acpi_config(&self.config, spec.cpus, spec.mem))?;
         acpi::write(vm.memory(), &tables)?;
         Ok(kernel)
     }
@@ -328,7 +351,7 @@ impl Vmm {
             mem_hp: Arc::new(Mutex::new(MemHotplug::new(hotplug_slots(window)))),
         };
         let mut pio = Bus::new();
-        let pio_devices: [(u16, u16, SharedDevice); 5] = [
+        let mut pio_devices: Vec<(u16, u16, SharedDevice)> = vec![
             (ports::COM1, ports::COM1_SIZE, devices.serial.clone()),
             (
                 ports::RTC_INDEX,
@@ -350,7 +373,26 @@ impl Vmm {
                 ports::RESET_CONTROL_SIZE,
                 Arc::new(Mutex::new(ResetControl::new())),
             ),
+            (
+                ports::DEBUG_PORT,
+                ports::DEBUG_PORT_SIZE,
+                Arc::new(Mutex::new(DebugPort::new())),
+            ),
         ];
+        if self.config.pvpanic {
+            pio_devices.push((
+                ports::PVPANIC,
+                ports::PVPANIC_SIZE,
+                Arc::new(Mutex::new(PvPanic::new())),
+            ));
+        }
+        if let Some(exit) = self.config.exit_device {
+            pio_devices.push((
+                exit.iobase,
+                exit.iosize,
+                Arc::new(Mutex::new(DebugExit::new())),
+            ));
+        }
         for (base, len, dev) in pio_devices {
             pio.insert(u64::from(base), u64::from(len), dev)?;
         }
@@ -415,6 +457,11 @@ impl Vmm {
             match event {
                 VcpuEvent::Ejected(cpu) => self.reap_vcpu(cpu),
                 VcpuEvent::Ost(ost) => self.on_ost(ost),
+                VcpuEvent::BootMarker { value, at } => self.on_boot_marker(value, at),
+                VcpuEvent::Online(cpu) => {
+                    log::info!("vCPU {cpu} is online");
+                    self.events.push(Event::CpuOnline(cpu));
+                }
                 other => {
                     // Drain the rest so they do not leak into the next boot.
                     while self.events_rx.try_recv().is_ok() {}
@@ -423,6 +470,51 @@ impl Vmm {
             }
         }
         None
+    }
+
+    /// Records the guest's first debug-port write of this boot.
+    fn on_boot_marker(&mut self, value: u8, at: Instant) {
+        let Some(m) = self.machine.as_mut() else {
+            return;
+        };
+        if at < m.started || m.boot_marker.is_some() {
+            // A write from the previous boot's vCPUs, or a repeat.
+            return;
+        }
+        let since_boot = at - m.started;
+        m.boot_marker = Some(since_boot);
+        log::info!(
+            "boot {}: the guest wrote {value:#04x} to the debug port {:.1} ms after the boot \
+             started, {:.1} ms after minivmm started",
+            self.boots,
+            since_boot.as_secs_f64() * 1e3,
+            at.saturating_duration_since(self.process_started)
+                .as_secs_f64()
+                * 1e3,
+        );
+        self.events.push(Event::BootMarker {
+            value,
+            boot_ms: since_boot.as_millis() as u64,
+        });
+    }
+
+    /// Events that happened since the last call, oldest first.
+    pub fn take_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// Queues an event for the front ends.
+    pub fn push_event(&mut self, event: Event) {
+        self.events.push(event);
+    }
+
+    /// Handles a guest reset without `--no-reboot`: logs it, announces it and rebuilds the VM.
+    pub fn guest_reset(&mut self, cause: ResetCause) -> Result<(), VmmError> {
+        log::log!(cause.log_level(), "guest reset through {cause}: rebooting");
+        self.events.push(Event::Reboot {
+            cause: cause.token(),
+        });
+        self.reboot()
     }
 
     /// Records a guest `_OST` report; a refused eject withdraws the removal, so the CPU stays
@@ -437,7 +529,12 @@ impl Vmm {
             } => (format!("mem{slot}"), event, status),
             _ => return,
         };
-        let text = format!("{what}:{}", describe_ost(event, status));
+        let report = describe_ost(event, status);
+        let text = format!("{what}:{report}");
+        self.events.push(Event::Ost {
+            device: what,
+            report,
+        });
         if !ost_failed(event, status) {
             log::info!("guest _OST {text}");
             if status == 0 {
@@ -479,6 +576,7 @@ impl Vmm {
                 Err(e) => log::error!("{e}"),
             }
             log::info!("vCPU {cpu} ejected by the guest");
+            self.events.push(Event::CpuEjected(cpu));
         }
         if lock(&machine.devices.cpu_hp).pending_removals().is_empty() {
             self.removal_since = None;
@@ -621,6 +719,8 @@ impl Vmm {
             hotplug_slots_free: (mem_hp.slots() - mem_hp.used_slots()) as u32,
             removing: hp.pending_removals(),
             last_ost: self.last_ost.clone(),
+            uptime: self.process_started.elapsed(),
+            boot_marker: m.boot_marker,
         }
     }
 }
@@ -713,6 +813,8 @@ impl ControlTarget for Vmm {
                 hotplug_slots_free: 0,
                 removing: Vec::new(),
                 last_ost: self.last_ost.clone(),
+                uptime: self.process_started.elapsed(),
+                boot_marker: None,
             },
         }
     }
@@ -784,16 +886,19 @@ impl ControlTarget for Vmm {
             }
             m.hotplugged += size;
             flags |= GED_MEMORY;
+            self.events.push(Event::MemAdded { slot, start, size });
         }
         {
             let mut hp = lock(&m.devices.cpu_hp);
             for id in plan.add_cpus.clone() {
                 hp.insert(id);
                 flags |= GED_CPU;
+                self.events.push(Event::CpuAdded(id));
             }
             for id in plan.remove_cpus.clone().rev() {
                 hp.request_removal(id);
                 flags |= GED_CPU;
+                self.events.push(Event::CpuRemoving(id));
             }
         }
         if !plan.remove_cpus.is_empty() {
@@ -829,7 +934,9 @@ impl ControlTarget for Vmm {
         let m = self.machine.as_ref().ok_or("the VM is not running")?;
         lock(&m.devices.ged)
             .notify(GED_POWER_BUTTON)
-            .map_err(|e| format!("raising the GED interrupt: {e}"))
+            .map_err(|e| format!("raising the GED interrupt: {e}"))?;
+        self.events.push(Event::PowerButton);
+        Ok(())
     }
 }
 
@@ -865,9 +972,13 @@ mod tests {
             hotplug_slots(&(4 * g..100 * g)),
             layout::MAX_MEMORY_HOTPLUG_SLOTS
         );
+        let mut config = VmConfig::new("k".into());
+        config.cpus.max = 4;
+        config.memory.hotplug_size = 2 * g;
+        let acpi = acpi_config(&config, 1, 512 << 20);
         assert_eq!(
-            acpi_config(1, 4, 512 << 20, (512 << 20) + 2 * g).memory_slots,
-            16
+            (acpi.memory_slots, acpi.max_cpus, acpi.pvpanic),
+            (16, 4, true)
         );
     }
 }

@@ -7,7 +7,8 @@
 mod common;
 
 use common::{
-    assert_reply, parse_ok_reply, read_reply, run_in_test_host, Vm, VmOptions, EXIT_TIMEOUT,
+    assert_reply, parse_ok_reply, read_reply, read_until_eof, run_in_test_host, Vm, VmOptions,
+    EXIT_TIMEOUT,
 };
 use std::io::Write;
 use std::thread;
@@ -99,6 +100,13 @@ fn hotplug_cpus_add_remove_reuse() {
         }
         assert_eq!(info.get("removing").map(String::as_str), Some("none"));
         assert_eq!(vm.nproc(), 1);
+        // A watcher sees every step, read back after the exit.
+        let mut watcher = vm.control_connect();
+        watcher.write_all(b"watch\n").expect("send watch");
+        assert_eq!(
+            read_reply(&mut watcher).expect("watch reply"),
+            "ok watching"
+        );
 
         // Add two CPUs: they appear offline; onlining them makes nproc 3.
         let reply = vm.control("resize cpus=3");
@@ -143,7 +151,50 @@ fn hotplug_cpus_add_remove_reuse() {
             0,
             "exit code after a control shutdown"
         );
+        let events = read_until_eof(&mut watcher);
+        println!("events: {events:#?}");
+        assert_events_in_order(
+            &events,
+            &[
+                "event cpu-added cpu=1",
+                "event cpu-added cpu=2",
+                "event cpu-online cpu=1",
+                "event cpu-online cpu=2",
+                "event cpu-removing cpu=2",
+                "event cpu-removing cpu=1",
+                "event cpu-added cpu=1",
+                "event cpu-online cpu=3",
+                "event exit code=0 reason=poweroff",
+            ],
+        );
+        for cpu in [1, 2] {
+            assert_events_in_order(
+                &events,
+                &[
+                    &format!("event cpu-removing cpu={cpu}"),
+                    &format!("event cpu-ejected cpu={cpu}"),
+                    &format!("event cpu-added cpu={cpu}"),
+                    &format!("event cpu-online cpu={cpu}"),
+                ],
+            );
+        }
+        assert_eq!(
+            events.last().map(String::as_str),
+            Some("event exit code=0 reason=poweroff")
+        );
     });
+}
+
+/// Fails unless `want` occur in `events` in this order (other lines may come between).
+#[track_caller]
+fn assert_events_in_order(events: &[String], want: &[&str]) {
+    let mut rest = events.iter();
+    for w in want {
+        assert!(
+            rest.any(|e| e == w),
+            "event {w:?} missing or out of order in {events:#?}"
+        );
+    }
 }
 
 /// Memory growth (alone and together with CPUs), and a shrink that only applies at the next reboot.
@@ -261,7 +312,7 @@ fn control_errors_and_clients() {
         assert_eq!(vm.control("ping"), "ok pong");
         let help = vm.control("help");
         assert!(help.starts_with("ok "), "help reply {help:?}");
-        let before = vm.control("info");
+        let before = vm.state();
         assert!(
             before.starts_with("ok state=running "),
             "info reply {before:?}"
@@ -303,7 +354,7 @@ fn control_errors_and_clients() {
                 "{what}: the error has no message"
             );
             assert_eq!(
-                vm.control("info"),
+                vm.state(),
                 before,
                 "{what}: info changed after a refused request"
             );
@@ -322,7 +373,7 @@ fn control_errors_and_clients() {
         }
         thread::sleep(Duration::from_millis(300));
         assert_eq!(
-            vm.control("info"),
+            vm.state(),
             before,
             "a partial line from a vanished client was executed"
         );

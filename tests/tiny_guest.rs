@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 mod tiny;
 
 use tiny::{
-    echo_until_bang, print_then, pvh_elf, CF9_RESET, KBD_RESET, POWER_OFF, RESET, TRIPLE_FAULT,
+    echo_until_bang, out_byte, out_byte_then_halt, out_word_then_halt, print_then, pvh_elf,
+    CF9_RESET, HALT_FOREVER, KBD_RESET, LSTAR_ROUND_TRIP, POWER_OFF, RESET, TRIPLE_FAULT,
 };
 
 fn temp_path(name: &str) -> PathBuf {
@@ -188,10 +189,14 @@ struct Controlled {
 
 impl Controlled {
     fn start(name: &str, args: &[&str]) -> Self {
+        Self::start_with(name, &echo_until_bang(), args)
+    }
+
+    fn start_with(name: &str, code: &[u8], args: &[&str]) -> Self {
         require_kvm();
         let sock = temp_path(&format!("{name}.sock"));
         let kernel = temp_path(&format!("{name}.elf"));
-        std::fs::write(&kernel, pvh_elf(&echo_until_bang())).expect("write guest");
+        std::fs::write(&kernel, pvh_elf(code)).expect("write guest");
         let child = Command::new(env!("CARGO_BIN_EXE_minivmm"))
             .arg("--kernel")
             .arg(&kernel)
@@ -274,6 +279,14 @@ impl Client {
     }
 }
 
+/// An `info` reply without its clock (`uptime=`), for comparing VM state.
+fn state(info: &str) -> String {
+    info.split(' ')
+        .filter(|w| !w.starts_with("uptime="))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 fn field<'a>(reply: &'a str, key: &str) -> &'a str {
     reply
         .split(' ')
@@ -319,7 +332,7 @@ fn bad_control_requests_get_errors_and_change_nothing() {
         ],
     );
     let mut c = vm.connect();
-    let before = c.ask("info");
+    let before = state(&c.ask("info"));
     assert!(before.starts_with("ok "), "{before}");
     let bad: &[(&str, &str)] = &[
         ("frobnicate", "unknown command"),
@@ -345,7 +358,7 @@ fn bad_control_requests_get_errors_and_change_nothing() {
             reply.starts_with("error ") && reply.contains(expect),
             "{req:?} -> {reply:?}"
         );
-        assert_eq!(c.ask("info"), before, "{req:?} changed the VM");
+        assert_eq!(state(&c.ask("info")), before, "{req:?} changed the VM");
     }
     // Over-long line, invalid UTF-8, CRLF.
     let mut long = vec![b'x'; 5000];
@@ -359,7 +372,7 @@ fn bad_control_requests_get_errors_and_change_nothing() {
     c.send(b"resize cpus=\xff\xfe\n");
     assert!(c.reply().starts_with("error "));
     assert_eq!(c.ask("ping\r"), "ok pong");
-    assert_eq!(c.ask("info"), before);
+    assert_eq!(state(&c.ask("info")), before);
 
     // A client that disconnects mid-line changes nothing; a second client works meanwhile.
     let mut other = vm.connect();
@@ -367,11 +380,11 @@ fn bad_control_requests_get_errors_and_change_nothing() {
     let mut third = vm.connect();
     assert_eq!(third.ask("ping"), "ok pong");
     drop(other);
-    assert_eq!(third.ask("info"), before);
+    assert_eq!(state(&third.ask("info")), before);
 
     // A combined request is atomic: the invalid memory half stops the CPU half too.
     assert!(c.ask("resize cpus=3 mem=700M").starts_with("error "));
-    assert_eq!(c.ask("info"), before);
+    assert_eq!(state(&c.ask("info")), before);
 
     // Valid combined request, then a removal the tiny guest never ejects.
     let r = c.ask("resize cpus=3 mem=768M");
@@ -635,4 +648,195 @@ fn ram_above_the_32bit_hole_and_a_window_after_it() {
     );
     assert_eq!(c.ask("shutdown"), "ok shutting down");
     assert_eq!(vm.wait(), 0);
+}
+
+/// The exit device maps a written value to `(value << 1) | 1` like QEMU's isa-debug-exit, at its
+/// default port and at a chosen one, for byte and word writes; without `--exit-device` the port
+/// is not decoded and the guest goes on.
+#[test]
+fn exit_device_ends_minivmm_with_the_mapped_code() {
+    let cases: [(&str, Vec<u8>, &[&str], i32); 5] = [
+        (
+            "pass",
+            print_then("t\n", &out_byte_then_halt(0x501, 0x10)),
+            &["--exit-device", "on"],
+            33,
+        ),
+        (
+            "fail",
+            print_then("t\n", &out_byte_then_halt(0x502, 0x11)),
+            &["--exit-device", "on"],
+            35,
+        ),
+        (
+            "port",
+            print_then("t\n", &out_word_then_halt(0xf4, 3)),
+            &["--exit-device", "iobase=0xf4,iosize=4"],
+            7,
+        ),
+        (
+            "zero",
+            print_then("t\n", &out_byte_then_halt(0x501, 0)),
+            &["--exit-device", "on"],
+            1,
+        ),
+        (
+            "absent",
+            print_then("t\n", &[out_byte(0x501, 0x10), POWER_OFF.to_vec()].concat()),
+            &[],
+            0,
+        ),
+    ];
+    for (name, code, args, want) in cases {
+        let mut all = vec!["--log-level", "info"];
+        all.extend_from_slice(args);
+        let r = run_guest(&format!("exit-{name}"), &code, &all, b"");
+        assert_eq!(r.code, want, "{name}: stderr: {}", r.stderr);
+        assert_eq!(String::from_utf8_lossy(&r.stdout), "t\n", "{name}");
+        if want != 0 {
+            assert!(
+                r.stderr
+                    .contains(&format!("to the exit device: exit code {want}")),
+                "{name}: stderr: {}",
+                r.stderr
+            );
+        }
+    }
+}
+
+/// A pvpanic write ends minivmm with 4 and says so, even without --log-level; with
+/// `--pvpanic off` the port is not decoded.
+#[test]
+fn pvpanic_write_is_exit_code_4() {
+    let r = run_guest(
+        "panic",
+        &print_then("oops\n", &out_byte_then_halt(0x505, 1)),
+        &[],
+        b"",
+    );
+    assert_eq!(r.code, 4, "stderr: {}", r.stderr);
+    assert!(r.stderr.contains("guest panic"), "stderr: {}", r.stderr);
+    assert_eq!(String::from_utf8_lossy(&r.stdout), "oops\n");
+    let code = [out_byte(0x505, 1), POWER_OFF.to_vec()].concat();
+    let r = run_guest("panic-off", &code, &["--pvpanic", "off"], b"");
+    assert_eq!(r.code, 0, "stderr: {}", r.stderr);
+}
+
+/// `--timeout` stops a guest that never exits, with 124 and a message, after the guest's output
+/// reached stdout; not before the limit.
+#[test]
+fn timeout_stops_a_guest_that_never_exits() {
+    let t = Instant::now();
+    let r = run_guest(
+        "timeout",
+        &print_then("waiting\n", HALT_FOREVER),
+        &["--timeout", "400ms"],
+        b"",
+    );
+    let took = t.elapsed();
+    assert_eq!(r.code, 124, "stderr: {}", r.stderr);
+    assert!(
+        r.stderr.contains("--timeout expired after 400ms"),
+        "stderr: {}",
+        r.stderr
+    );
+    assert_eq!(String::from_utf8_lossy(&r.stdout), "waiting\n");
+    assert!(took >= Duration::from_millis(400), "stopped after {took:?}");
+}
+
+/// Reads lines from a watching client until `want` lines arrived.
+fn lines(c: &mut Client, want: usize) -> Vec<String> {
+    (0..want).map(|_| c.reply()).collect()
+}
+
+/// `watch` gets one line per event, in order, after its own reply: hot-added vCPU and memory,
+/// power button, reboot, the boot marker of the new boot, and finally the exit with its code.
+/// `info` reports the boot marker and the uptime.
+#[test]
+fn watch_delivers_events_in_order() {
+    // The guest marks the debug port, then echoes its console until '!'.
+    let code = [out_byte(0x80, 0x42), echo_until_bang()].concat();
+    let vm = Controlled::start_with(
+        "watch",
+        &code,
+        &[
+            "--cpus",
+            "boot=1,max=2",
+            "--memory",
+            "size=64M,hotplug_size=128M",
+        ],
+    );
+    let mut c = vm.connect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while field(&c.ask("info"), "boot_ms") == "none" {
+        assert!(Instant::now() < deadline, "no boot marker in info");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let info = c.ask("info");
+    assert!(
+        field(&info, "uptime").parse::<f64>().expect("uptime") > 0.0,
+        "{info}"
+    );
+    field(&info, "boot_ms")
+        .parse::<u64>()
+        .expect("boot_ms is a number");
+    // Subscribed after the first boot's marker: events are not replayed.
+    let mut w = vm.connect();
+    assert_eq!(w.ask("watch"), "ok watching");
+    assert!(c.ask("resize cpus=2 mem=192M").starts_with("ok cpus=2 "));
+    assert_eq!(c.ask("powerbutton"), "ok");
+    assert_eq!(
+        lines(&mut w, 3),
+        [
+            "event mem-added slot=0 start=0x100000000 size=128M",
+            "event cpu-added cpu=1",
+            "event powerbutton",
+        ]
+    );
+    assert_eq!(c.ask("reboot"), "ok rebooting");
+    let after = lines(&mut w, 3);
+    assert_eq!(after[0], "event reboot cause=control");
+    assert_eq!(after[1], "event boot n=2 cpus=2 mem=192M");
+    assert!(
+        after[2].starts_with("event boot-marker value=0x42 "),
+        "{after:?}"
+    );
+    assert_eq!(c.ask("shutdown"), "ok shutting down");
+    assert_eq!(w.reply(), "event exit code=0 reason=poweroff");
+    assert_eq!(vm.wait(), 0);
+}
+
+/// A guest's exit-device write reaches a watcher as the exit event with the mapped code.
+#[test]
+fn watch_sees_the_guest_exit_code() {
+    // Wait for '!' on the console (sent once the watcher is subscribed), then exit with 0x11.
+    let mut code = echo_until_bang();
+    code.truncate(code.len() - POWER_OFF.len());
+    code.extend_from_slice(&out_byte_then_halt(0x501, 0x11));
+    let mut vm = Controlled::start_with("watch-exit", &code, &["--exit-device", "on"]);
+    let mut w = vm.connect();
+    assert_eq!(w.ask("watch"), "ok watching");
+    let stdin = vm.child.stdin.as_mut().expect("stdin");
+    stdin.write_all(b"!").expect("write");
+    assert_eq!(w.reply(), "event exit code=35 reason=guest-exit");
+    assert_eq!(vm.wait(), 35);
+}
+
+/// A guest write of IA32_LSTAR (how a vCPU coming online is seen) goes through minivmm and takes
+/// effect: the guest reads back what it wrote, and the vCPU is logged online.
+#[test]
+fn lstar_write_is_completed_and_reports_the_cpu_online() {
+    let r = run_guest(
+        "lstar",
+        LSTAR_ROUND_TRIP,
+        &["--exit-device", "on", "--log-level", "info"],
+        b"",
+    );
+    // 0x44 read back: (0x44 << 1 | 1) & 0xff = 0x89.
+    assert_eq!(r.code, 0x89, "stderr: {}", r.stderr);
+    assert!(
+        r.stderr.contains("vCPU 0 is online"),
+        "stderr: {}",
+        r.stderr
+    );
 }

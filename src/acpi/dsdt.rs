@@ -279,6 +279,28 @@ fn rtc() -> Vec<u8> {
     ))
 }
 
+/// The pvpanic device: Linux's `pvpanic-mmio` driver binds `QEMU0001` and takes its I/O port
+/// from `_CRS`.
+fn pvpanic() -> Vec<u8> {
+    const _: () = assert!(layout::ports::PVPANIC_SIZE <= u8::MAX as u16);
+    aml_bytes(&aml::Device::new(
+        "PEVT".into(),
+        vec![
+            &name("_HID", &"QEMU0001"),
+            &name(
+                "_CRS",
+                &aml::ResourceTemplate::new(vec![&aml::IO::new(
+                    layout::ports::PVPANIC,
+                    layout::ports::PVPANIC,
+                    1,
+                    layout::ports::PVPANIC_SIZE as u8,
+                )]),
+            ),
+            &name("_STA", &STA_PRESENT),
+        ],
+    ))
+}
+
 /// Power button, notified through GED bit 3.
 fn power_button() -> Vec<u8> {
     aml_bytes(&aml::Device::new(
@@ -646,11 +668,15 @@ fn memory_controller(slots: usize) -> Vec<u8> {
     ))
 }
 
-/// Builds the complete DSDT for `max_cpus` possible CPUs and `memory_slots` memory slots.
-pub(super) fn build(max_cpus: u8, memory_slots: usize) -> Vec<u8> {
+/// Builds the complete DSDT for `max_cpus` possible CPUs and `memory_slots` memory slots, with
+/// the pvpanic device if `pvpanic_device`.
+pub(super) fn build(max_cpus: u8, memory_slots: usize, pvpanic_device: bool) -> Vec<u8> {
     let mut sb = Vec::new();
     sb.extend(com1());
     sb.extend(rtc());
+    if pvpanic_device {
+        sb.extend(pvpanic());
+    }
     sb.extend(power_button());
     sb.extend(ged());
     sb.extend(cpu_controller());
@@ -689,7 +715,7 @@ mod tests {
 
     #[test]
     fn header_revision_and_checksum() {
-        let dsdt = build(4, 2);
+        let dsdt = build(4, 2, true);
         assert_eq!(&dsdt[0..4], b"DSDT");
         assert_eq!(dsdt[8], DSDT_REVISION);
         assert_eq!(
@@ -701,7 +727,7 @@ mod tests {
 
     #[test]
     fn mat_buffers_have_enabled_bit() {
-        let dsdt = build(6, 0);
+        let dsdt = build(6, 0, true);
         for cpu in 0..6u8 {
             // Name(_MAT, Buffer(8) { type 0, len 8, uid, apic id, flags = Enabled })
             let mut mat = b"_MAT".to_vec();
@@ -712,7 +738,7 @@ mod tests {
 
     #[test]
     fn cpu_devices_and_eject() {
-        let dsdt = build(3, 0);
+        let dsdt = build(3, 0, true);
         for cpu in 0..3u8 {
             assert!(contains(&dsdt, cpu_device_name(cpu).as_bytes()));
         }
@@ -723,12 +749,12 @@ mod tests {
 
     #[test]
     fn memory_slots() {
-        let none = build(1, 0);
+        let none = build(1, 0, true);
         assert!(contains(&none, b"MSCN"));
         assert!(!contains(&none, b"M000"));
         // No PNP0C80 (EISA id bytes 41 D0 0C 80) device without slots.
         assert!(!contains(&none, &[0x41, 0xd0, 0x0c, 0x80]));
-        let some = build(1, 3);
+        let some = build(1, 3, true);
         for slot in 0..3 {
             assert!(contains(&some, memory_device_name(slot).as_bytes()));
         }
@@ -737,11 +763,26 @@ mod tests {
 
     #[test]
     fn s5_package() {
-        let dsdt = build(1, 0);
+        let dsdt = build(1, 0, true);
         // Name(\_S5_, Package(4) { 5, 0, 0, 0 })
         assert!(contains(
             &dsdt,
             &[0x08, b'\\', b'_', b'S', b'5', b'_', 0x12, 0x07, 0x04, 0x0a, 0x05, 0, 0, 0]
         ));
+    }
+
+    #[test]
+    fn pvpanic_device_only_when_asked() {
+        let with = build(1, 0, true);
+        assert!(contains(&with, b"PEVT"));
+        assert!(contains(&with, b"QEMU0001"));
+        // IO descriptor: 0x47, decode16, min = max = 0x505, align 1, len 1.
+        assert!(contains(
+            &with,
+            &[0x47, 0x01, 0x05, 0x05, 0x05, 0x05, 0x01, 0x01]
+        ));
+        let without = build(1, 0, false);
+        assert!(!contains(&without, b"PEVT"));
+        assert!(!contains(&without, b"QEMU0001"));
     }
 }

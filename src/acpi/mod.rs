@@ -116,6 +116,8 @@ pub struct AcpiConfig {
     /// Number of PNP0C80 memory hotplug slots (0 = no memory hotplug, only an `MSCN` stub);
     /// at most [`layout::MAX_MEMORY_HOTPLUG_SLOTS`].
     pub memory_slots: usize,
+    /// Whether the DSDT describes the pvpanic device (`QEMU0001` at [`layout::ports::PVPANIC`]).
+    pub pvpanic: bool,
 }
 
 /// One table and where it goes in guest memory.
@@ -219,7 +221,7 @@ pub fn build(cfg: &AcpiConfig) -> Result<AcpiTables, AcpiError> {
         addr
     };
 
-    let dsdt_addr = place("DSDT", dsdt::build(max_cpus, cfg.memory_slots));
+    let dsdt_addr = place("DSDT", dsdt::build(max_cpus, cfg.memory_slots, cfg.pvpanic));
     let madt_addr = place("APIC", madt::build(boot_cpus, max_cpus));
     let fadt_addr = place("FACP", fadt::build(dsdt_addr));
     let mut xsdt = XSDT::new(OEM_ID, *b"MVMXSDT ", OEM_REVISION);

@@ -15,16 +15,19 @@ const SMALL: AcpiConfig = AcpiConfig {
     boot_cpus: 1,
     max_cpus: 4,
     memory_slots: 16,
+    pvpanic: true,
 };
 const LARGEST: AcpiConfig = AcpiConfig {
     boot_cpus: 2,
     max_cpus: layout::MAX_VCPUS,
     memory_slots: layout::MAX_MEMORY_HOTPLUG_SLOTS,
+    pvpanic: true,
 };
 const NO_MEMORY_SLOTS: AcpiConfig = AcpiConfig {
     boot_cpus: 2,
     max_cpus: 3,
     memory_slots: 0,
+    pvpanic: false,
 };
 const CONFIGS: [AcpiConfig; 3] = [SMALL, LARGEST, NO_MEMORY_SLOTS];
 
@@ -175,6 +178,7 @@ fn invalid_configurations_are_rejected() {
         boot_cpus,
         max_cpus,
         memory_slots,
+        pvpanic: true,
     };
     assert!(matches!(build(&cfg(0, 4, 0)), Err(AcpiError::NoBootCpus)));
     assert!(matches!(

@@ -9,9 +9,12 @@
 pub mod acpi_pm;
 pub mod bus;
 pub mod cpu_hotplug;
+pub mod debug_exit;
+pub mod debug_port;
 pub mod ged;
 pub mod i8042;
 pub mod mem_hotplug;
+pub mod pvpanic;
 mod regs;
 pub mod reset_control;
 pub mod rtc;
@@ -56,6 +59,18 @@ pub enum ResetCause {
 }
 
 impl ResetCause {
+    /// A one-word name for event lines: `acpi`, `bios`, `kbd`, `pci`, `triple` or `kvm`.
+    pub fn token(&self) -> &'static str {
+        match self {
+            ResetCause::AcpiResetRegister => "acpi",
+            ResetCause::BiosResetVector => "bios",
+            ResetCause::Keyboard => "kbd",
+            ResetCause::ResetControl => "pci",
+            ResetCause::TripleFault { .. } => "triple",
+            ResetCause::SystemEvent => "kvm",
+        }
+    }
+
     /// How loudly to log this reset: a triple fault is usually a guest crash.
     pub fn log_level(&self) -> log::Level {
         match self {
@@ -100,6 +115,12 @@ pub enum DeviceEvent {
     Reset(ResetCause),
     /// The guest entered ACPI S5 (SLP_TYP 5 with SLP_EN).
     PowerOff,
+    /// The guest wrote this value to the exit device: minivmm must exit with its mapped code.
+    GuestExit(u32),
+    /// The guest reported a panic through pvpanic.
+    Panic,
+    /// The guest's first write to the debug port this boot, with the value written.
+    BootMarker(u8),
     /// The guest's `_EJ0` for this CPU index was accepted; the VMM must stop that vCPU.
     CpuEject(u32),
     /// The guest reported `_OST` for a CPU.

@@ -793,6 +793,12 @@ impl VmOptions {
         self
     }
 
+    /// Appends further minivmm arguments.
+    pub fn arg(mut self, args: &[&str]) -> Self {
+        self.extra.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
     /// Adds `--no-reboot`.
     pub fn no_reboot(mut self) -> Self {
         self.no_reboot = true;
@@ -953,6 +959,11 @@ impl Vm {
             boots: 0,
             exit: None,
         }
+    }
+
+    /// Time since minivmm was spawned.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
     }
 
     /// Log label (`<test>.l2.<n>`).
@@ -1242,6 +1253,17 @@ impl Vm {
         read_reply(&mut s).unwrap_or_else(|e| panic!("[{}] control reply: {e}", self.label))
     }
 
+    /// The `info` reply without its clock (`uptime=`): equal replies mean an unchanged VM.
+    #[track_caller]
+    pub fn state(&mut self) -> String {
+        let reply = self.control("info");
+        reply
+            .split(' ')
+            .filter(|w| !w.starts_with("uptime="))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
     /// `info` parsed into key/value pairs (fails unless the reply starts with `ok`).
     #[track_caller]
     pub fn info(&mut self) -> HashMap<String, String> {
@@ -1356,6 +1378,18 @@ pub fn read_reply(s: &mut UnixStream) -> std::io::Result<String> {
     Ok(String::from_utf8_lossy(&out)
         .trim_end_matches('\r')
         .to_string())
+}
+
+/// Reads lines until the peer closes the connection (or a read times out, which fails).
+pub fn read_until_eof(s: &mut UnixStream) -> Vec<String> {
+    let mut lines = Vec::new();
+    loop {
+        match read_reply(s) {
+            Ok(line) => lines.push(line),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return lines,
+            Err(e) => panic!("reading event lines: {e} (so far: {lines:?})"),
+        }
+    }
 }
 
 /// Parses `ok k=v k=v ...` into a map; None unless the reply is `ok`.

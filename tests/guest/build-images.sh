@@ -41,6 +41,9 @@ need() {
 # Modules the L1 initramfs loads, in load order (busybox insmod does not resolve dependencies).
 L1_MODULES=(irqbypass ccp kvm kvm-amd virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
 	9pnet 9pnet_virtio netfs fscache 9p)
+# Modules the L2 test guest loads at boot, in load order: the devices minivmm offers that the Debian kernel
+# builds as modules (pvpanic through ACPI QEMU0001).
+L2_MODULES=(pvpanic pvpanic-mmio)
 
 BUSYBOX="${BUSYBOX:-/bin/busybox}"
 
@@ -50,7 +53,7 @@ BUSYBOX="${BUSYBOX:-/bin/busybox}"
 build_kernel() {
 	local outputs=("$KDIR/vmlinuz" "$KDIR/vmlinux" "$KDIR/config" "$KDIR/release")
 	local m
-	for m in "${L1_MODULES[@]}"; do outputs+=("$KDIR/modules/$m.ko"); done
+	for m in "${L1_MODULES[@]}" "${L2_MODULES[@]}"; do outputs+=("$KDIR/modules/$m.ko"); done
 	if fresh "${outputs[@]}"; then
 		log "kernel: up to date ($(cat "$KDIR/release"))"
 		return
@@ -95,7 +98,7 @@ build_kernel() {
 	cp "$tmp/root/boot/vmlinuz-$release" "$tmp/vmlinuz" || die "$deb has no boot/vmlinuz-$release"
 	cp "$tmp/root/boot/config-$release" "$tmp/config" || die "$deb has no boot/config-$release"
 	local moddir="$tmp/root/lib/modules/$release/kernel" path
-	for m in "${L1_MODULES[@]}"; do
+	for m in "${L1_MODULES[@]}" "${L2_MODULES[@]}"; do
 		path="$(find "$moddir" -name "$m.ko" -print -quit)"
 		[[ -n "$path" ]] || die "module $m.ko not found in $pkg (is it built in or compressed in this kernel?)"
 		cp "$path" "$tmp/modules/"
@@ -190,16 +193,19 @@ pack() {
 }
 
 build_l2_initramfs() {
-	local out="$CACHE/l2-initramfs.gz"
-	if fresh "$out"; then
+	local out="$CACHE/l2-initramfs.gz" m
+	if fresh "$out" && [[ "$out" -nt "$KDIR/release" ]]; then
 		log "l2-initramfs: up to date"
 		return
 	fi
 	local dir="$CACHE/l2.tmp"
 	rm -rf "$dir"
 	busybox_tree "$dir"
+	mkdir -p "$dir/modules"
+	for m in "${L2_MODULES[@]}"; do cp "$KDIR/modules/$m.ko" "$dir/modules/"; done
+	echo "${L2_MODULES[*]}" >"$dir/modules/order"
 
-	# /init: mounts, then busybox init (which makes plain `poweroff` / `reboot` work: they signal PID 1).
+	# /init: mounts, modules, then busybox init (which makes plain `poweroff` / `reboot` work: they signal PID 1).
 	cat >"$dir/init" <<'EOF'
 #!/bin/sh
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
@@ -210,6 +216,9 @@ mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run
+for m in $(cat /modules/order); do
+	insmod "/modules/$m.ko" || echo "GUEST-INSMOD-FAILED $m"
+done
 exec /bin/busybox init
 EOF
 	# The shell is started on ttyS0 by init; it prints the ready marker itself, so the console tty is open

@@ -103,3 +103,42 @@ pub fn echo_until_bang() -> Vec<u8> {
     c.extend_from_slice(POWER_OFF);
     c
 }
+
+/// Writes byte `value` to I/O port `port`, then halts (forever if the write does not stop the VM).
+pub fn out_byte_then_halt(port: u16, value: u8) -> Vec<u8> {
+    let [lo, hi] = port.to_le_bytes();
+    vec![0x66, 0xba, lo, hi, 0xb0, value, 0xee, 0xf4, 0xeb, 0xfd]
+}
+
+/// Writes 16-bit `value` to I/O port `port` (`out dx, ax`), then halts.
+pub fn out_word_then_halt(port: u16, value: u16) -> Vec<u8> {
+    let [lo, hi] = port.to_le_bytes();
+    let [vlo, vhi] = value.to_le_bytes();
+    vec![
+        0x66, 0xba, lo, hi, 0x66, 0xb8, vlo, vhi, 0x66, 0xef, 0xf4, 0xeb, 0xfd,
+    ]
+}
+
+/// Writes byte `value` to I/O port `port` and falls through to the code that follows.
+pub fn out_byte(port: u16, value: u8) -> Vec<u8> {
+    let mut c = out_byte_then_halt(port, value);
+    c.truncate(7);
+    c
+}
+
+/// Halts forever (interrupts are off at the PVH entry, so nothing wakes the vCPU).
+pub const HALT_FOREVER: &[u8] = &[0xf4, 0xeb, 0xfd];
+
+/// Writes 0x11223344 to IA32_LSTAR (what a kernel does when it brings a CPU up), reads it back
+/// and writes the low byte it read (0x44 if the write took effect) to the exit device at 0x501.
+pub const LSTAR_ROUND_TRIP: &[u8] = &[
+    0xb9, 0x82, 0x00, 0x00, 0xc0, // mov ecx, 0xc0000082 (IA32_LSTAR)
+    0xb8, 0x44, 0x33, 0x22, 0x11, // mov eax, 0x11223344
+    0xba, 0x00, 0x00, 0x00, 0x00, // mov edx, 0
+    0x0f, 0x30, // wrmsr
+    0x31, 0xc0, // xor eax, eax
+    0x0f, 0x32, // rdmsr
+    0x66, 0xba, 0x01, 0x05, // mov dx, 0x501
+    0xee, // out dx, al
+    0xf4, 0xeb, 0xfd, // hlt loop
+];

@@ -120,6 +120,42 @@ pub mod ports {
     pub const RESET_CONTROL: u16 = 0xcf9;
     /// Ports covered by the reset control register.
     pub const RESET_CONTROL_SIZE: u16 = 1;
+    /// POST/debug port: the guest's first write after a boot starts is its boot-time marker
+    /// (Linux itself never writes it: minivmm's CPUID offers KVM_FEATURE_NOP_IO_DELAY).
+    pub const DEBUG_PORT: u16 = 0x80;
+    /// Ports covered by the debug port.
+    pub const DEBUG_PORT_SIZE: u16 = 1;
+    /// pvpanic device (QEMU's `pvpanic` ISA device, ACPI `QEMU0001`).
+    pub const PVPANIC: u16 = 0x505;
+    /// Ports covered by the pvpanic device.
+    pub const PVPANIC_SIZE: u16 = 1;
+    /// Default base of the guest exit device (QEMU's `isa-debug-exit` default `iobase`).
+    pub const EXIT_DEVICE_DEFAULT: u16 = 0x501;
+    /// Default width of the guest exit device (QEMU's `isa-debug-exit` default `iosize`).
+    pub const EXIT_DEVICE_DEFAULT_SIZE: u16 = 2;
+
+    /// Every fixed port range minivmm emulates, as (name, base, size): the exit device, whose
+    /// base the user chooses, must not overlap any of them.
+    pub const FIXED: [(&str, u16, u16); 7] = [
+        ("i8042", I8042_DATA, I8042_SIZE),
+        ("RTC", RTC_INDEX, RTC_SIZE),
+        ("debug port", DEBUG_PORT, DEBUG_PORT_SIZE),
+        ("COM1", COM1, COM1_SIZE),
+        ("pvpanic", PVPANIC, PVPANIC_SIZE),
+        ("ACPI PM", ACPI_SLEEP_CONTROL, ACPI_PM_SIZE),
+        ("reset control", RESET_CONTROL, RESET_CONTROL_SIZE),
+    ];
+
+    /// The fixed range that `[base, base + size)` overlaps, if any.
+    pub fn overlapping(base: u16, size: u16) -> Option<&'static str> {
+        let end = u32::from(base) + u32::from(size);
+        FIXED
+            .iter()
+            .find(|(_, b, s)| {
+                u32::from(*b) < end && u32::from(base) < u32::from(*b) + u32::from(*s)
+            })
+            .map(|(name, _, _)| *name)
+    }
 }
 
 /// Value the guest writes to [`ports::ACPI_RESET`] to reset the machine.
@@ -141,3 +177,34 @@ pub mod irq {
 
 /// Highest number of vCPUs: APIC IDs are bytes in MADT type-0 entries and 0xff is broadcast.
 pub const MAX_VCPUS: u32 = 254;
+
+#[cfg(test)]
+mod tests {
+    use super::ports;
+
+    #[test]
+    fn fixed_port_ranges_are_disjoint() {
+        for (i, (name, base, size)) in ports::FIXED.iter().enumerate() {
+            for (other, b, s) in &ports::FIXED[i + 1..] {
+                let disjoint = u32::from(*base) + u32::from(*size) <= u32::from(*b)
+                    || u32::from(*b) + u32::from(*s) <= u32::from(*base);
+                assert!(disjoint, "{name} overlaps {other}");
+            }
+        }
+    }
+
+    #[test]
+    fn overlap_lookup() {
+        assert_eq!(
+            ports::overlapping(ports::EXIT_DEVICE_DEFAULT, ports::EXIT_DEVICE_DEFAULT_SIZE),
+            None
+        );
+        assert_eq!(ports::overlapping(0xf4, 4), None);
+        assert_eq!(ports::overlapping(0x3ff, 1), Some("COM1"));
+        assert_eq!(ports::overlapping(0x3f0, 8), None);
+        assert_eq!(ports::overlapping(0x3f0, 9), Some("COM1"));
+        assert_eq!(ports::overlapping(0x504, 2), Some("pvpanic"));
+        assert_eq!(ports::overlapping(0x7e, 4), Some("debug port"));
+        assert_eq!(ports::overlapping(0xfffe, 4), None);
+    }
+}

@@ -1,0 +1,105 @@
+//! CI verdicts from a real Linux guest (issue 8): the exit device, pvpanic, `--timeout`, the boot
+//! marker on the debug port. One emulated-host run covers them all (each L1 boot costs ~20 s).
+
+mod common;
+
+use common::{run_in_test_host, Vm, VmOptions, EXIT_TIMEOUT};
+use std::time::Duration;
+
+/// Shell snippet: write byte `v` (0..=255) to I/O port `port` through /dev/port.
+fn outb(port: u16, v: &str) -> String {
+    format!(
+        "printf \"\\\\$(printf %o {v})\" | dd of=/dev/port bs=1 seek={port} count=1 2>/dev/null"
+    )
+}
+
+#[test]
+fn ci_verdicts() {
+    run_in_test_host("ci_verdicts", || {
+        // A test that fails with status 3 reports 16 + 3 through the exit device: 2 * 19 + 1 = 39.
+        // Before that, the guest's boot marker on the debug port shows in `info`.
+        let mut vm = Vm::boot(VmOptions::elf().arg(&["--exit-device", "on"]).control());
+        assert_eq!(vm.info().get("boot_ms").map(String::as_str), Some("none"));
+        vm.sh(&outb(0x80, "1"));
+        let info = vm.info();
+        let boot_ms: u64 = info["boot_ms"].parse().expect("boot_ms after the marker");
+        let uptime: f64 = info["uptime"].parse().expect("uptime");
+        println!("boot marker: boot_ms={boot_ms} uptime={uptime}");
+        assert!(boot_ms > 0 && (boot_ms as f64) / 1e3 <= uptime, "{info:?}");
+        assert!(vm.stderr_text().contains("wrote 0x01 to the debug port"));
+        vm.write_line(&format!("sh -c 'exit 3'; {}", outb(0x501, "$((16 + $?))")));
+        assert_eq!(
+            vm.wait_exit(EXIT_TIMEOUT),
+            39,
+            "failing test through the exit device"
+        );
+        drop(vm);
+
+        // A passing test (status 0): 16 -> 33.
+        let mut vm = Vm::boot(VmOptions::elf().arg(&["--exit-device", "iobase=0xf4,iosize=4"]));
+        vm.write_line(&format!("true; {}", outb(0xf4, "$((16 + $?))")));
+        assert_eq!(
+            vm.wait_exit(EXIT_TIMEOUT),
+            33,
+            "passing test through the exit device"
+        );
+        drop(vm);
+
+        // A kernel panic, with the stock pvpanic driver bound through ACPI QEMU0001: exit 4.
+        let mut vm = Vm::boot(VmOptions::elf());
+        let bound = vm.sh("ls /sys/bus/platform/drivers/pvpanic-mmio/");
+        assert!(
+            bound.contains("QEMU0001:00"),
+            "pvpanic-mmio not bound: {bound:?}"
+        );
+        vm.write_line("echo c > /proc/sysrq-trigger");
+        assert_eq!(
+            vm.wait_exit(EXIT_TIMEOUT),
+            4,
+            "exit code after a guest panic"
+        );
+        let log = vm.stderr_text();
+        assert!(
+            log.contains("guest panic (reported through pvpanic)"),
+            "{log}"
+        );
+        assert!(
+            vm.console().contains("Kernel panic"),
+            "panic message on the console"
+        );
+        drop(vm);
+
+        // Without the pvpanic device, panic=1 reboots; with --no-reboot that is 2, never 0.
+        let mut vm = Vm::boot(
+            VmOptions::elf()
+                .cmdline_add("panic=1")
+                .no_reboot()
+                .arg(&["--pvpanic", "off"]),
+        );
+        assert_eq!(
+            vm.sh("ls /sys/bus/platform/devices/ | grep -c QEMU0001 || true"),
+            "0"
+        );
+        vm.write_line("echo c > /proc/sysrq-trigger");
+        assert_eq!(
+            vm.wait_exit(EXIT_TIMEOUT),
+            2,
+            "panic=1 without pvpanic under --no-reboot"
+        );
+        drop(vm);
+
+        // A guest that never ends: --timeout 5s stops it with 124 about when the limit expires.
+        let mut vm = Vm::start(VmOptions::elf().arg(&["--timeout", "5s"]));
+        let code = vm.wait_exit(Duration::from_secs(20));
+        let took = vm.elapsed();
+        println!("--timeout 5s: exit {code} after {took:?}");
+        assert_eq!(code, 124);
+        assert!(
+            took >= Duration::from_secs(5) && took < Duration::from_millis(6500),
+            "--timeout 5s ended the run after {took:?}"
+        );
+        assert!(vm.stderr_text().contains("--timeout expired after 5s"));
+        // What the guest printed before the limit is on the console (the serial log keeps it too).
+        assert!(!vm.console().trim().is_empty(), "guest output lost");
+    });
+}
