@@ -882,6 +882,37 @@ fn parse_log_level(flag: &'static str, value: &str) -> Result<log::LevelFilter, 
     }
 }
 
+/// Checks a configuration built in code (e.g. by [`crate::api::VmBuilder`]) against the same
+/// rules the command line applies, with the same messages: each group of values goes through
+/// its option's parser, so the rules exist once.
+pub fn validate(config: &VmConfig) -> Result<(), ConfigError> {
+    let cpus = format!("boot={},max={}", config.cpus.boot, config.cpus.max);
+    if parse_cpus(Opt::Cpus.name(), &cpus)? != config.cpus {
+        return Err(invalid(Opt::Cpus.name(), format!("{cpus} is not accepted")));
+    }
+    let memory = format!(
+        "size={},hotplug_size={}",
+        format_size(config.memory.size),
+        format_size(config.memory.hotplug_size)
+    );
+    parse_memory(Opt::Memory.name(), &memory)?;
+    parse_cmdline(Opt::Cmdline.name(), config.cmdline.clone())?;
+    if let Some(dev) = config.exit_device {
+        let text = format!("iobase={:#x},iosize={}", dev.iobase, dev.iosize);
+        parse_exit_device(Opt::ExitDevice.name(), &text)?;
+    }
+    if let Some(limit) = config.timeout {
+        if limit.is_zero() || limit > MAX_TIMEOUT {
+            return Err(invalid(
+                Opt::Timeout.name(),
+                format!("{limit:?} is out of range (more than 0, at most {MAX_TIMEOUT:?})"),
+            ));
+        }
+    }
+    check_stdio_conflict(config)?;
+    check_cmdline_length(config)
+}
+
 /// `--serial tty` owns stdin and stdout; a control pipe on those descriptors would fight over them.
 fn check_stdio_conflict(config: &VmConfig) -> Result<(), ConfigError> {
     if config.serial != SerialMode::Tty {

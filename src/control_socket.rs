@@ -15,12 +15,13 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use crate::config::ControlEndpoint;
 use crate::control::{handle, ControlTarget, LineReader, MAX_LINE};
 
-/// Epoll token of the listening socket.
-pub const TOKEN_LISTENER: u64 = 100;
-/// Epoll token of the inherited control connection.
-pub const TOKEN_FD: u64 = 101;
-/// First epoll token of accepted clients.
-pub const TOKEN_CLIENT_BASE: u64 = 1000;
+/// Id of the listening socket. The server's ids are its own: on epoll they are offset by the
+/// base the event loop gives [`ControlServer::register`].
+const TOKEN_LISTENER: u64 = 0;
+/// Id of the inherited control connection.
+const TOKEN_FD: u64 = 1;
+/// First id of accepted clients.
+const TOKEN_CLIENT_BASE: u64 = 2;
 /// Replies a client may leave unread before it is disconnected.
 const MAX_PENDING_OUTPUT: usize = 64 << 10;
 
@@ -74,6 +75,8 @@ pub struct ControlServer {
     fd_conn: Option<Conn>,
     clients: HashMap<u64, Conn>,
     next_token: u64,
+    /// Added to every id on epoll (set by `register`).
+    base: u64,
 }
 
 fn take_fd(fd: RawFd) -> Result<File, ControlSocketError> {
@@ -94,6 +97,7 @@ impl ControlServer {
             fd_conn: None,
             clients: HashMap::new(),
             next_token: TOKEN_CLIENT_BASE,
+            base: 0,
         };
         match endpoint {
             ControlEndpoint::Socket(path) => {
@@ -123,20 +127,17 @@ impl ControlServer {
         Ok(server)
     }
 
-    /// Adds the endpoint's fds to `epoll`.
-    pub fn register(&self, epoll: &Epoll) -> Result<(), ControlSocketError> {
+    /// Adds the endpoint's fds to `epoll`; their epoll data is `base` plus the server's id, and
+    /// the event loop passes the id (data minus `base`) back to [`ControlServer::handle`].
+    pub fn register(&mut self, epoll: &Epoll, base: u64) -> Result<(), ControlSocketError> {
+        self.base = base;
         if let Some((l, _)) = &self.listener {
-            add(epoll, l.as_raw_fd(), TOKEN_LISTENER).map_err(ControlSocketError::Io)?;
+            add(epoll, l.as_raw_fd(), base + TOKEN_LISTENER).map_err(ControlSocketError::Io)?;
         }
         if let Some(c) = &self.fd_conn {
-            add(epoll, c.input.as_raw_fd(), TOKEN_FD).map_err(ControlSocketError::Io)?;
+            add(epoll, c.input.as_raw_fd(), base + TOKEN_FD).map_err(ControlSocketError::Io)?;
         }
         Ok(())
-    }
-
-    /// Whether `token` belongs to the control pipe.
-    pub fn owns(token: u64) -> bool {
-        token == TOKEN_LISTENER || token == TOKEN_FD || token >= TOKEN_CLIENT_BASE
     }
 
     /// Handles readiness of one control fd; requests are answered through `target`.
@@ -169,7 +170,7 @@ impl ControlServer {
     }
 
     /// Queues an event line (without `'\n'`) for every client that sent `watch`. A watcher that
-    /// has more than 64 KiB bytes unread is disconnected, like any client that
+    /// has more than 64 KiB unread is disconnected, like any client that
     /// does not read its replies: the VM never waits for a client.
     pub fn broadcast(&mut self, epoll: &Epoll, line: &str) {
         let mut tokens = Vec::new();
@@ -226,7 +227,8 @@ impl ControlServer {
             want |= EventSet::OUT;
         }
         let fd = conn.input.as_raw_fd();
-        if let Err(e) = epoll.ctl(ControlOperation::Modify, fd, EpollEvent::new(want, token)) {
+        let data = self.base + token;
+        if let Err(e) = epoll.ctl(ControlOperation::Modify, fd, EpollEvent::new(want, data)) {
             log::warn!("control: epoll modify: {e}");
         }
     }
@@ -260,7 +262,7 @@ impl ControlServer {
         let output = input.try_clone()?;
         let token = self.next_token;
         self.next_token += 1;
-        add(epoll, input.as_raw_fd(), token)?;
+        add(epoll, input.as_raw_fd(), self.base + token)?;
         self.clients.insert(token, Conn::new(input, Some(output)));
         Ok(())
     }

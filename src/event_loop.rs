@@ -3,21 +3,68 @@
 
 use std::io::ErrorKind;
 use std::os::fd::RawFd;
+use std::sync::mpsc::{Receiver, Sender, SyncSender, TrySendError};
+use std::sync::Arc;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
+use crate::control::{ControlTarget, VmInfo};
 use crate::control_socket::ControlServer;
 use crate::events::Event;
 use crate::exit::Exit;
 use crate::vcpu::VcpuEvent;
-use crate::vmm::{Request, Vmm, VmmError};
+use crate::vmm::{Lifecycle, Vmm, VmmError};
 
-const TOKEN_STDIN: u64 = 1;
-const TOKEN_INPUT_ROOM: u64 = 2;
-const TOKEN_VCPU_EVENTS: u64 = 3;
-const TOKEN_SIGNAL: u64 = 4;
-const TOKEN_TIMEOUT: u64 = 5;
+/// What an epoll event is about (its `u64` data).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Token {
+    /// Host console input is readable.
+    Stdin,
+    /// The guest drained the serial receive FIFO.
+    InputRoom,
+    /// vCPU threads queued events.
+    VcpuEvents,
+    /// A termination signal arrived.
+    Signal,
+    /// `--timeout` expired.
+    Timeout,
+    /// An embedder queued commands.
+    Commands,
+    /// A control-pipe fd; the value is the control server's own token.
+    Control(u64),
+}
+
+/// Control server tokens are offset past the loop's own.
+const CONTROL_BASE: u64 = 1 << 32;
+
+impl Token {
+    fn to_u64(self) -> u64 {
+        match self {
+            Token::Stdin => 1,
+            Token::InputRoom => 2,
+            Token::VcpuEvents => 3,
+            Token::Signal => 4,
+            Token::Timeout => 5,
+            Token::Commands => 6,
+            Token::Control(t) => CONTROL_BASE + t,
+        }
+    }
+
+    fn from_u64(v: u64) -> Option<Token> {
+        Some(match v {
+            1 => Token::Stdin,
+            2 => Token::InputRoom,
+            3 => Token::VcpuEvents,
+            4 => Token::Signal,
+            5 => Token::Timeout,
+            6 => Token::Commands,
+            v if v >= CONTROL_BASE => Token::Control(v - CONTROL_BASE),
+            _ => return None,
+        })
+    }
+}
 
 /// Event loop errors.
 #[derive(Debug, thiserror::Error)]
@@ -50,16 +97,66 @@ impl Timeout {
     }
 }
 
+/// A request from an embedder's [`crate::api::VmHandle`], answered on its own channel.
+pub(crate) enum Command {
+    Resize {
+        cpus: Option<u32>,
+        mem: Option<u64>,
+        reply: Sender<Result<VmInfo, String>>,
+    },
+    Info(Sender<VmInfo>),
+    Reboot(Sender<Result<(), String>>),
+    Shutdown(Sender<Result<(), String>>),
+    PowerButton(Sender<Result<(), String>>),
+    /// Deliver events to this channel from now on (dropped when it is full or closed).
+    Subscribe(SyncSender<Event>),
+}
+
+/// Where an embedder's commands arrive: the channel and the eventfd that wakes the loop.
+pub(crate) struct Inbox {
+    pub rx: Receiver<Command>,
+    pub wake: Arc<EventFd>,
+}
+
 /// What the loop watches besides the VMM's own fds.
-pub struct Sources {
+pub(crate) struct Sources {
     /// The control pipe, if any.
     pub control: Option<ControlServer>,
     /// Host console input (None with `--serial off|file`).
     pub stdin: Option<RawFd>,
-    /// Termination signals, from [`termination_signalfd`].
-    pub signal_fd: RawFd,
+    /// Termination signals, from [`termination_signalfd`] (None for embedders).
+    pub signal_fd: Option<RawFd>,
     /// The `--timeout` limit, if any.
     pub timeout: Option<Timeout>,
+    /// An embedder's commands, if any.
+    pub commands: Option<Inbox>,
+}
+
+/// Embedder event channels.
+#[derive(Default)]
+struct Subscribers {
+    senders: Vec<SyncSender<Event>>,
+    dropped: u64,
+}
+
+impl Subscribers {
+    fn deliver(&mut self, event: &Event) {
+        let mut dropped = 0;
+        self.senders.retain(|tx| match tx.try_send(event.clone()) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) => {
+                dropped += 1;
+                true
+            }
+            Err(TrySendError::Disconnected(_)) => false,
+        });
+        if dropped > 0 {
+            if self.dropped == 0 {
+                log::warn!("an embedder's event channel is full: events are dropped");
+            }
+            self.dropped += dropped;
+        }
+    }
 }
 
 /// Host input waiting for room in the guest UART.
@@ -83,7 +180,7 @@ impl InputPump {
             epoll.ctl(
                 ControlOperation::Add,
                 fd,
-                EpollEvent::new(EventSet::IN, TOKEN_STDIN),
+                EpollEvent::new(EventSet::IN, Token::Stdin.to_u64()),
             )
         } else {
             epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default())
@@ -178,31 +275,36 @@ fn read_signal(fd: RawFd) -> Option<i32> {
 }
 
 /// Runs the VM until it powers off, exits through the exit device, panics, faults, is reset with
-/// `--no-reboot`, times out or a signal arrives.
+/// `--no-reboot`, times out, is stopped by a command or a signal arrives.
 ///
-/// Events the VMM queues are sent to `watch` clients after each wakeup; the last one, `exit`,
-/// is flushed without waiting before the loop returns.
-pub fn run(vmm: &mut Vmm, mut sources: Sources) -> Result<Exit, EventLoopError> {
+/// Events the VMM queues are sent to `watch` clients and embedder channels after each wakeup;
+/// the last one, `exit`, is flushed without waiting before the loop returns.
+pub(crate) fn run(vmm: &mut Vmm, mut sources: Sources) -> Result<Exit, EventLoopError> {
     let io = |what| move |e| EventLoopError::Io(what, e);
     let epoll = Epoll::new().map_err(io("epoll_create1"))?;
-    let add = |fd: RawFd, token: u64| {
+    let add = |fd: RawFd, token: Token| {
         epoll
             .ctl(
                 ControlOperation::Add,
                 fd,
-                EpollEvent::new(EventSet::IN, token),
+                EpollEvent::new(EventSet::IN, token.to_u64()),
             )
             .map_err(io("epoll_ctl"))
     };
     use std::os::fd::AsRawFd;
-    add(vmm.events_fd().as_raw_fd(), TOKEN_VCPU_EVENTS)?;
-    add(vmm.input_room_fd().as_raw_fd(), TOKEN_INPUT_ROOM)?;
-    add(sources.signal_fd, TOKEN_SIGNAL)?;
-    if let Some(t) = &sources.timeout {
-        add(t.timer.as_raw_fd(), TOKEN_TIMEOUT)?;
+    add(vmm.events_fd().as_raw_fd(), Token::VcpuEvents)?;
+    add(vmm.input_room_fd().as_raw_fd(), Token::InputRoom)?;
+    if let Some(fd) = sources.signal_fd {
+        add(fd, Token::Signal)?;
     }
-    if let Some(c) = &sources.control {
-        c.register(&epoll)
+    if let Some(t) = &sources.timeout {
+        add(t.timer.as_raw_fd(), Token::Timeout)?;
+    }
+    if let Some(inbox) = &sources.commands {
+        add(inbox.wake.as_raw_fd(), Token::Commands)?;
+    }
+    if let Some(c) = sources.control.as_mut() {
+        c.register(&epoll, Token::Control(0).to_u64())
             .map_err(|e| EventLoopError::Io("control pipe", std::io::Error::other(e)))?;
     }
     let mut input = InputPump {
@@ -211,6 +313,7 @@ pub fn run(vmm: &mut Vmm, mut sources: Sources) -> Result<Exit, EventLoopError> 
         watching: false,
     };
     input.watch(&epoll, true);
+    let mut subscribers = Subscribers::default();
 
     let mut events = vec![EpollEvent::default(); 32];
     loop {
@@ -221,24 +324,33 @@ pub fn run(vmm: &mut Vmm, mut sources: Sources) -> Result<Exit, EventLoopError> 
         };
         let mut exit = None;
         for ev in &events[..n] {
-            exit = dispatch(vmm, &mut sources, &epoll, &mut input, ev)?;
+            let mut ctx = Ctx {
+                vmm: &mut *vmm,
+                sources: &mut sources,
+                epoll: &epoll,
+                input: &mut input,
+                subscribers: &mut subscribers,
+            };
+            exit = ctx.dispatch(ev)?;
             if exit.is_some() {
                 break;
             }
         }
-        let pending = vmm.take_events();
-        if let Some(control) = sources.control.as_mut() {
-            for event in &pending {
+        let mut pending = vmm.take_events();
+        if let Some(exit) = &exit {
+            pending.push(Event::Exit {
+                code: exit.code(),
+                reason: exit.token(),
+            });
+        }
+        for event in &pending {
+            if let Some(control) = sources.control.as_mut() {
                 control.broadcast(&epoll, &event.to_string());
             }
+            subscribers.deliver(event);
         }
         if let Some(exit) = exit {
             if let Some(control) = sources.control.as_mut() {
-                let event = Event::Exit {
-                    code: exit.code(),
-                    reason: exit.token(),
-                };
-                control.broadcast(&epoll, &event.to_string());
                 control.flush_all();
             }
             return Ok(exit);
@@ -246,69 +358,126 @@ pub fn run(vmm: &mut Vmm, mut sources: Sources) -> Result<Exit, EventLoopError> 
     }
 }
 
-/// Handles one ready fd; returns the exit reason if the VM must stop.
-fn dispatch(
-    vmm: &mut Vmm,
-    sources: &mut Sources,
-    epoll: &Epoll,
-    input: &mut InputPump,
-    ev: &EpollEvent,
-) -> Result<Option<Exit>, EventLoopError> {
-    match ev.data() {
-        TOKEN_STDIN => input.on_readable(epoll, vmm),
-        TOKEN_INPUT_ROOM => {
-            let _ = vmm.input_room_fd().read();
-            input.on_room(epoll, vmm);
+/// The loop's state while one ready fd is handled.
+struct Ctx<'a> {
+    vmm: &'a mut Vmm,
+    sources: &'a mut Sources,
+    epoll: &'a Epoll,
+    input: &'a mut InputPump,
+    subscribers: &'a mut Subscribers,
+}
+
+impl Ctx<'_> {
+    /// Handles one ready fd; returns the exit reason if the VM must stop.
+    fn dispatch(&mut self, ev: &EpollEvent) -> Result<Option<Exit>, EventLoopError> {
+        let Some(token) = Token::from_u64(ev.data()) else {
+            log::debug!("spurious epoll data {}", ev.data());
+            return Ok(None);
+        };
+        let (vmm, epoll) = (&mut *self.vmm, self.epoll);
+        match token {
+            Token::Stdin => self.input.on_readable(epoll, vmm),
+            Token::InputRoom => {
+                let _ = vmm.input_room_fd().read();
+                self.input.on_room(epoll, vmm);
+            }
+            Token::VcpuEvents => return self.on_vcpu_events(),
+            Token::Signal => {
+                if let Some(sig) = self.sources.signal_fd.and_then(read_signal) {
+                    return Ok(Some(Exit::Signal(sig)));
+                }
+            }
+            Token::Timeout => {
+                if let Some(t) = &mut self.sources.timeout {
+                    // The timer is one-shot: readable means it expired.
+                    let _ = t.timer.wait();
+                    return Ok(Some(Exit::Timeout(t.limit)));
+                }
+            }
+            Token::Commands => {
+                self.on_commands();
+                return self.lifecycle_request();
+            }
+            Token::Control(id) => {
+                if let Some(c) = self.sources.control.as_mut() {
+                    c.handle(epoll, id, ev.event_set(), vmm);
+                }
+                return self.lifecycle_request();
+            }
         }
-        TOKEN_VCPU_EVENTS => match vmm.process_vcpu_events() {
-            None => {}
-            Some(VcpuEvent::PowerOff) => return Ok(Some(Exit::PowerOff)),
-            Some(VcpuEvent::GuestExit(value)) => return Ok(Some(Exit::GuestExit(value))),
+        Ok(None)
+    }
+
+    fn on_vcpu_events(&mut self) -> Result<Option<Exit>, EventLoopError> {
+        let vmm = &mut *self.vmm;
+        Ok(match vmm.process_vcpu_events() {
+            None => None,
+            Some(VcpuEvent::PowerOff) => Some(Exit::PowerOff),
+            Some(VcpuEvent::GuestExit(value)) => Some(Exit::GuestExit(value)),
             Some(VcpuEvent::Panic { cpu }) => {
                 log::error!("the guest panicked (pvpanic write from vCPU {cpu})");
                 vmm.push_event(Event::Panic);
-                return Ok(Some(Exit::Panic));
+                Some(Exit::Panic)
             }
-            Some(VcpuEvent::Reset(cause)) if vmm.no_reboot() => {
-                return Ok(Some(Exit::Reset(cause)))
-            }
+            Some(VcpuEvent::Reset(cause)) if vmm.no_reboot() => Some(Exit::Reset(cause)),
             Some(VcpuEvent::Reset(cause)) => {
                 vmm.guest_reset(cause).map_err(EventLoopError::Reboot)?;
-                input.on_room(epoll, vmm);
+                self.input.on_room(self.epoll, vmm);
+                None
             }
             Some(VcpuEvent::Fatal { cpu, reason }) => {
-                return Ok(Some(Exit::Fatal(format!("vCPU {cpu}: {reason}"))))
+                Some(Exit::Fatal(format!("vCPU {cpu}: {reason}")))
             }
-            Some(other) => log::debug!("ignored vCPU event {other:?}"),
-        },
-        TOKEN_SIGNAL => {
-            if let Some(sig) = read_signal(sources.signal_fd) {
-                return Ok(Some(Exit::Signal(sig)));
+            Some(other) => {
+                log::debug!("ignored vCPU event {other:?}");
+                None
             }
-        }
-        TOKEN_TIMEOUT => {
-            if let Some(t) = &mut sources.timeout {
-                // The timer is one-shot: readable means it expired.
-                let _ = t.timer.wait();
-                return Ok(Some(Exit::Timeout(t.limit)));
-            }
-        }
-        token if ControlServer::owns(token) => {
-            if let Some(c) = sources.control.as_mut() {
-                c.handle(epoll, token, ev.event_set(), vmm);
-            }
-            match vmm.take_request() {
-                None => {}
-                Some(Request::Shutdown) => return Ok(Some(Exit::PowerOff)),
-                Some(Request::Reboot) => {
-                    log::info!("reboot requested on the control pipe");
-                    vmm.push_event(Event::Reboot { cause: "control" });
-                    vmm.reboot().map_err(EventLoopError::Reboot)?;
-                    input.on_room(epoll, vmm);
-                }
-            }
-        }
-        other => log::debug!("spurious epoll token {other}"),
+        })
     }
-    Ok(None)
+
+    /// Answers every queued embedder command through the same [`ControlTarget`] calls the
+    /// control pipe uses.
+    fn on_commands(&mut self) {
+        let Some(inbox) = &self.sources.commands else {
+            return;
+        };
+        let _ = inbox.wake.read();
+        let vmm = &mut *self.vmm;
+        // A handle that went away just drops its reply.
+        while let Ok(command) = inbox.rx.try_recv() {
+            match command {
+                Command::Resize { cpus, mem, reply } => {
+                    let _ = reply.send(vmm.resize(cpus, mem));
+                }
+                Command::Info(reply) => {
+                    let _ = reply.send(vmm.info());
+                }
+                Command::Reboot(reply) => {
+                    let _ = reply.send(ControlTarget::reboot(vmm));
+                }
+                Command::Shutdown(reply) => {
+                    let _ = reply.send(vmm.shutdown());
+                }
+                Command::PowerButton(reply) => {
+                    let _ = reply.send(vmm.power_button());
+                }
+                Command::Subscribe(tx) => self.subscribers.senders.push(tx),
+            }
+        }
+    }
+
+    /// Carries out a reboot or shutdown asked for by a front end, after its reply was sent.
+    fn lifecycle_request(&mut self) -> Result<Option<Exit>, EventLoopError> {
+        match self.vmm.take_request() {
+            None => Ok(None),
+            Some(Lifecycle::Shutdown) => Ok(Some(Exit::PowerOff)),
+            Some(Lifecycle::Reboot) => {
+                log::info!("reboot requested");
+                self.vmm.push_event(Event::Reboot { cause: "control" });
+                self.vmm.reboot().map_err(EventLoopError::Reboot)?;
+                self.input.on_room(self.epoll, self.vmm);
+                Ok(None)
+            }
+        }
+    }
 }

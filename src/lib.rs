@@ -8,6 +8,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod acpi;
+pub mod api;
 pub mod arch;
 pub mod config;
 pub mod control;
@@ -17,6 +18,7 @@ pub mod event_loop;
 pub mod events;
 pub mod exit;
 pub mod logger;
+pub mod resize;
 pub mod seccomp;
 pub mod terminal;
 pub mod vcpu;
@@ -70,6 +72,16 @@ pub enum Error {
     /// The host console could not be set up.
     #[error("host console: {0}")]
     Console(#[source] std::io::Error),
+    /// The embedder's VM thread or its wakeup eventfd could not be created.
+    #[error("cannot start the VM thread: {0}")]
+    Thread(#[source] std::io::Error),
+    /// A configuration built in code breaks a rule (the message names the option).
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// The VM thread ended without an outcome (it panicked, or the boot failed and was
+    /// reported by `start`).
+    #[error("the VM thread stopped unexpectedly")]
+    Stopped,
 }
 
 fn open(what: &'static str, path: &Path) -> Result<File, Error> {
@@ -88,8 +100,37 @@ pub fn exit_code(result: &Result<Exit, Error>) -> i32 {
     }
 }
 
-/// Boots the guest described by `config` and runs it until it stops.
-pub fn run(config: VmConfig) -> Result<Exit, Error> {
+/// How the process hosts minivmm: what it may take over besides the VM itself.
+pub(crate) struct Hosting {
+    /// Guest console output for `--serial` modes that do not name one (an embedder's writer).
+    pub serial_out: Option<Box<dyn std::io::Write + Send>>,
+    /// Block SIGTERM/SIGINT/SIGHUP in the calling thread and stop the VM when one arrives.
+    pub stop_on_signals: bool,
+    /// Requests from an embedder's [`api::VmHandle`].
+    pub commands: Option<event_loop::Inbox>,
+}
+
+/// A booted VM with everything its event loop serves, on the thread that will run the loop.
+pub(crate) struct Launched {
+    vmm: vmm::Vmm,
+    sources: event_loop::Sources,
+    // Restore the terminal when the run ends (declared after `vmm`, so dropped after it).
+    _stdout_flags: Option<terminal::FlagsGuard>,
+    _raw_mode: Option<terminal::RawModeGuard>,
+}
+
+impl Launched {
+    /// Runs the event loop until the VM stops, then stops the vCPUs.
+    pub(crate) fn serve(mut self) -> Result<Exit, Error> {
+        let exit = event_loop::run(&mut self.vmm, self.sources)?;
+        self.vmm.teardown();
+        Ok(exit)
+    }
+}
+
+/// Opens everything the VM needs, installs the seccomp filters on the calling thread (which
+/// then runs the event loop, see [`Launched::serve`]) and boots the guest.
+pub(crate) fn launch(config: VmConfig, hosting: Hosting) -> Result<Launched, Error> {
     let started = std::time::Instant::now();
     // Everything that needs the file system or new fds happens before the filters go on.
     let kvm = vm::open_kvm()?;
@@ -110,7 +151,11 @@ pub fn run(config: VmConfig) -> Result<Exit, Error> {
         Some(endpoint) => Some(control_socket::ControlServer::open(endpoint)?),
         None => None,
     };
-    let signal_fd = event_loop::termination_signalfd()?;
+    let signal_fd = if hosting.stop_on_signals {
+        Some(event_loop::termination_signalfd()?)
+    } else {
+        None
+    };
     // Armed now, so the limit counts from minivmm's start.
     let timeout = match config.timeout {
         Some(limit) => Some(event_loop::Timeout::arm(limit)?),
@@ -118,17 +163,11 @@ pub fn run(config: VmConfig) -> Result<Exit, Error> {
     };
     vcpu::install_kick_handler()?;
 
-    let mut _stdout_flags = None;
-    let mut _raw_mode = None;
+    let mut stdout_flags = None;
+    let mut raw_mode = None;
     let mut stdin = None;
-    let out: Box<dyn std::io::Write + Send> = match &config.serial {
-        SerialMode::Tty => {
-            _stdout_flags = Some(terminal::FlagsGuard::nonblocking(1).map_err(Error::Console)?);
-            _raw_mode = terminal::RawModeGuard::new(0).map_err(Error::Console)?;
-            stdin = Some(0);
-            Box::new(terminal::ConsoleWriter::new(1))
-        }
-        SerialMode::File(path) => Box::new(
+    let out: Box<dyn std::io::Write + Send> = match (&config.serial, hosting.serial_out) {
+        (SerialMode::File(path), _) => Box::new(
             std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
@@ -139,7 +178,14 @@ pub fn run(config: VmConfig) -> Result<Exit, Error> {
                     source,
                 })?,
         ),
-        SerialMode::Off => Box::new(std::io::sink()),
+        (SerialMode::Off, _) => Box::new(std::io::sink()),
+        (SerialMode::Tty, Some(writer)) => writer,
+        (SerialMode::Tty, None) => {
+            stdout_flags = Some(terminal::FlagsGuard::nonblocking(1).map_err(Error::Console)?);
+            raw_mode = terminal::RawModeGuard::new(0).map_err(Error::Console)?;
+            stdin = Some(0);
+            Box::new(terminal::ConsoleWriter::new(1))
+        }
     };
 
     let vcpu_filter = if config.seccomp {
@@ -162,13 +208,29 @@ pub fn run(config: VmConfig) -> Result<Exit, Error> {
         started,
     )?;
     vmm.boot()?;
-    let sources = event_loop::Sources {
-        control,
-        stdin,
-        signal_fd,
-        timeout,
+    Ok(Launched {
+        vmm,
+        sources: event_loop::Sources {
+            control,
+            stdin,
+            signal_fd,
+            timeout,
+            commands: hosting.commands,
+        },
+        _stdout_flags: stdout_flags,
+        _raw_mode: raw_mode,
+    })
+}
+
+/// Boots the guest described by `config` and runs it until it stops, on the calling thread: the
+/// command-line front end. It takes over the process: the terminal (`--serial tty`), the
+/// termination signals, and seccomp on the calling thread. [`api::VmBuilder`] is the embeddable
+/// form.
+pub fn run(config: VmConfig) -> Result<Exit, Error> {
+    let hosting = Hosting {
+        serial_out: None,
+        stop_on_signals: true,
+        commands: None,
     };
-    let exit = event_loop::run(&mut vmm, sources)?;
-    vmm.teardown();
-    Ok(exit)
+    launch(config, hosting)?.serve()
 }

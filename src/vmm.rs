@@ -18,7 +18,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::acpi::{self, AcpiConfig};
 use crate::arch::x86_64::layout::{self, ports};
 use crate::arch::x86_64::{boot, memory, regs};
-use crate::config::{format_size, VmConfig, MEMORY_SIZE_ALIGN, MIN_MEMORY_SIZE};
+use crate::config::{format_size, VmConfig};
 use crate::control::{ControlTarget, VmInfo};
 use crate::devices::acpi_pm::AcpiPm;
 use crate::devices::cpu_hotplug::CpuHotplug;
@@ -33,6 +33,7 @@ use crate::devices::rtc::Rtc;
 use crate::devices::serial::SerialDevice;
 use crate::devices::{Bus, BusDevice, DeviceEvent, ResetCause, Trigger};
 use crate::events::Event;
+use crate::resize::{self, ResizeState};
 use crate::seccomp::BpfProgram;
 use crate::vcpu::{EventSink, VcpuContext, VcpuEvent, VcpuThread};
 use crate::vm::{Vm, VmError};
@@ -131,7 +132,7 @@ pub struct Vmm {
     removal_since: Option<Instant>,
     machine: Option<Machine>,
     boots: u32,
-    requested: Option<Request>,
+    requested: Option<Lifecycle>,
     last_ost: Option<String>,
     /// When minivmm started (for `uptime` and the boot marker).
     process_started: Instant,
@@ -139,9 +140,9 @@ pub struct Vmm {
     events: Vec<Event>,
 }
 
-/// A lifecycle change asked for on the control pipe, carried out after the reply is sent.
+/// A lifecycle change asked for by a front end, carried out after the reply is sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Request {
+pub enum Lifecycle {
     /// Rebuild the VM.
     Reboot,
     /// Stop and exit 0.
@@ -423,7 +424,7 @@ impl Vmm {
     }
 
     /// Takes the lifecycle change requested on the control pipe, if any.
-    pub fn take_request(&mut self) -> Option<Request> {
+    pub fn take_request(&mut self) -> Option<Lifecycle> {
         self.requested.take()
     }
 
@@ -607,102 +608,26 @@ impl Vmm {
         }
     }
 
-    fn plan_resize(
-        &self,
-        m: &Machine,
-        cpus: Option<u32>,
-        mem: Option<u64>,
-    ) -> Result<Plan, String> {
-        let max_cpus = self.config.cpus.max;
-        let (present, removing) = {
-            let hp = lock(&m.devices.cpu_hp);
-            (hp.enabled_count(), hp.pending_removals())
-        };
-        let mut plan = Plan::default();
-        if let Some(n) = cpus {
-            if n == 0 {
-                return Err("cpus=0 is invalid: a VM needs at least one vCPU".into());
-            }
-            if n > max_cpus {
-                return Err(format!(
-                    "cpus={n} exceeds max_cpus={max_cpus} (set at start with --cpus max=)"
-                ));
-            }
-            if !removing.is_empty() && n != self.target_cpus {
-                let since = self
-                    .removal_since
-                    .map(|t| t.elapsed().as_secs())
-                    .unwrap_or(0);
-                return Err(format!(
-                    "removal of vCPU {} still pending for {since}s: the guest has not ejected it yet; retry when info shows removing=none",
-                    join_ids(&removing)
-                ));
-            }
-            if removing.is_empty() {
-                if n > present {
-                    plan.add_cpus = present..n;
-                } else if n < present {
-                    plan.remove_cpus = n..present;
-                }
-            }
+    /// The planner's view of machine `m`.
+    fn resize_state(&self, m: &Machine) -> ResizeState {
+        let hp = lock(&m.devices.cpu_hp);
+        let mem_hp = lock(&m.devices.mem_hp);
+        ResizeState {
+            max_cpus: self.config.cpus.max,
+            present_cpus: hp.enabled_count(),
+            removing: hp.pending_removals(),
+            target_cpus: self.target_cpus,
+            removal_waited_secs: self
+                .removal_since
+                .map(|t| t.elapsed().as_secs())
+                .unwrap_or(0),
+            current_mem: m.boot_mem + m.hotplugged,
+            max_mem: self.max_mem(),
+            window: m.window.clone(),
+            hotplugged: m.hotplugged,
+            mem_slots: mem_hp.slots(),
+            used_mem_slots: mem_hp.used_slots(),
         }
-        if let Some(want) = mem {
-            let current = m.boot_mem + m.hotplugged;
-            let max_mem = self.max_mem();
-            if want > max_mem {
-                return Err(format!(
-                    "mem={} exceeds max_mem={} (size + hotplug_size at start)",
-                    format_size(want),
-                    format_size(max_mem)
-                ));
-            }
-            if want > current {
-                let delta = want - current;
-                let step = layout::MEMORY_HOTPLUG_ALIGN;
-                if !delta.is_multiple_of(step) {
-                    return Err(format!(
-                        "mem={}: growth by {} from {} is not a multiple of {}",
-                        format_size(want),
-                        format_size(delta),
-                        format_size(current),
-                        format_size(step)
-                    ));
-                }
-                let start = m.window.start + m.hotplugged;
-                if start + delta > m.window.end {
-                    return Err(format!(
-                        "mem={}: only {} of the hotplug window is left this boot (reboot to reclaim alignment)",
-                        format_size(want),
-                        format_size(m.window.end - start)
-                    ));
-                }
-                let hp = lock(&m.devices.mem_hp);
-                if hp.used_slots() >= hp.slots() {
-                    return Err(format!(
-                        "all {} memory hotplug slots are used this boot; grow in larger steps or reboot",
-                        hp.slots()
-                    ));
-                }
-                plan.add_mem = Some((hp.used_slots(), start, delta));
-            } else if want < current {
-                if want < MIN_MEMORY_SIZE {
-                    return Err(format!(
-                        "mem={} is below the minimum of {}",
-                        format_size(want),
-                        format_size(MIN_MEMORY_SIZE)
-                    ));
-                }
-                if !want.is_multiple_of(MEMORY_SIZE_ALIGN) {
-                    return Err(format!(
-                        "mem={} is not a multiple of {}",
-                        format_size(want),
-                        format_size(MEMORY_SIZE_ALIGN)
-                    ));
-                }
-            }
-            plan.pending_mem = Some(want);
-        }
-        Ok(plan)
     }
 
     fn info_of(&self, m: &Machine) -> VmInfo {
@@ -723,20 +648,6 @@ impl Vmm {
             boot_marker: m.boot_marker,
         }
     }
-}
-
-/// A validated resize, applied by [`Vmm::resize`].
-#[derive(Default)]
-struct Plan {
-    add_cpus: Range<u32>,
-    remove_cpus: Range<u32>,
-    /// (slot, guest-physical start, size)
-    add_mem: Option<(usize, u64, u64)>,
-    pending_mem: Option<u64>,
-}
-
-fn join_ids(ids: &[u32]) -> String {
-    ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
 }
 
 /// `_OST` source events (ACPI 6.5 table 6.157).
@@ -783,6 +694,54 @@ fn ost_failed(event: u32, status: u32) -> bool {
     status != 0 && !in_progress
 }
 
+/// [`resize::Backend`] over one machine: KVM memory slots and vCPU threads.
+struct MachineBackend<'a> {
+    m: &'a mut Machine,
+    max_cpus: u32,
+}
+
+impl resize::Backend for MachineBackend<'_> {
+    fn add_memory(&mut self, start: u64, size: u64) -> Result<(), String> {
+        self.m
+            .vm
+            .add_memory(GuestAddress(start), size)
+            .map_err(|e| e.to_string())
+    }
+
+    fn remove_last_memory(&mut self) -> Result<(), String> {
+        self.m.vm.remove_last_memory().map_err(|e| e.to_string())
+    }
+
+    fn start_vcpu(&mut self, id: u32) -> Result<(), String> {
+        let m = &mut *self.m;
+        let slot = m
+            .vcpus
+            .get_mut(id as usize)
+            .ok_or_else(|| format!("no vCPU slot {id}"))?;
+        let fd = match slot.parked.take() {
+            Some(fd) => fd,
+            None => {
+                m.vm.create_vcpu(id, self.max_cpus)
+                    .map_err(|e| e.to_string())?
+            }
+        };
+        let thread = VcpuThread::spawn(id, fd, m.ctx.clone()).map_err(|e| e.to_string())?;
+        slot.thread = Some(thread);
+        Ok(())
+    }
+
+    fn stop_vcpu(&mut self, id: u32) {
+        if let Some(slot) = self.m.vcpus.get_mut(id as usize) {
+            if let Some(t) = slot.thread.take() {
+                match t.stop() {
+                    Ok(fd) => slot.parked = Some(fd),
+                    Err(e) => log::error!("{e}"),
+                }
+            }
+        }
+    }
+}
+
 fn stop_all(machine: &mut Machine) {
     for slot in &machine.vcpus {
         if let Some(t) = &slot.thread {
@@ -825,58 +784,12 @@ impl ControlTarget for Vmm {
         let Some(m) = self.machine.as_ref() else {
             return Err("the VM is not running".into());
         };
-        let plan = self.plan_resize(m, cpus, mem)?;
+        let plan = resize::plan(&self.resize_state(m), cpus, mem)?;
         let Some(m) = self.machine.as_mut() else {
             return Err("the VM is not running".into());
         };
-
         // VMM-side work first; undone if any part fails, since nothing has been announced yet.
-        if let Some((_, start, size)) = plan.add_mem {
-            m.vm.add_memory(GuestAddress(start), size)
-                .map_err(|e| e.to_string())?;
-        }
-        let mut started: Vec<u32> = Vec::new();
-        let mut failure = None;
-        for id in plan.add_cpus.clone() {
-            let slot = &mut m.vcpus[id as usize];
-            let fd = match slot.parked.take() {
-                Some(fd) => fd,
-                None => match m.vm.create_vcpu(id, max_cpus) {
-                    Ok(fd) => fd,
-                    Err(e) => {
-                        failure = Some(e.to_string());
-                        break;
-                    }
-                },
-            };
-            match VcpuThread::spawn(id, fd, m.ctx.clone()) {
-                Ok(t) => {
-                    slot.thread = Some(t);
-                    started.push(id);
-                }
-                Err(e) => {
-                    failure = Some(e.to_string());
-                    break;
-                }
-            }
-        }
-        if let Some(err) = failure {
-            for id in started {
-                let slot = &mut m.vcpus[id as usize];
-                if let Some(t) = slot.thread.take() {
-                    match t.stop() {
-                        Ok(fd) => slot.parked = Some(fd),
-                        Err(e) => log::error!("{e}"),
-                    }
-                }
-            }
-            if plan.add_mem.is_some() {
-                if let Err(e) = m.vm.remove_last_memory() {
-                    log::error!("rolling back hot-added memory: {e}");
-                }
-            }
-            return Err(format!("resize failed, nothing changed: {err}"));
-        }
+        resize::prepare(&plan, &mut MachineBackend { m, max_cpus })?;
 
         // Commit and announce with a single GED interrupt.
         let mut flags = 0u8;
@@ -921,12 +834,12 @@ impl ControlTarget for Vmm {
 
     fn reboot(&mut self) -> Result<(), String> {
         // The event loop performs the reboot after the reply is sent.
-        self.requested = Some(Request::Reboot);
+        self.requested = Some(Lifecycle::Reboot);
         Ok(())
     }
 
     fn shutdown(&mut self) -> Result<(), String> {
-        self.requested = Some(Request::Shutdown);
+        self.requested = Some(Lifecycle::Shutdown);
         Ok(())
     }
 

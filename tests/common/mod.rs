@@ -748,6 +748,8 @@ pub struct VmOptions {
     pub control: bool,
     /// Further arguments.
     pub extra: Vec<String>,
+    /// Run this program instead of minivmm (one that takes minivmm's command line).
+    pub program: Option<PathBuf>,
 }
 
 impl VmOptions {
@@ -763,6 +765,7 @@ impl VmOptions {
             no_reboot: false,
             control: false,
             extra: vec!["--log-level".to_string(), "info".to_string()],
+            program: None,
         }
     }
 
@@ -796,6 +799,14 @@ impl VmOptions {
     /// Appends further minivmm arguments.
     pub fn arg(mut self, args: &[&str]) -> Self {
         self.extra.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    /// Runs the `examples/NAME` program cargo built beside minivmm instead of minivmm.
+    pub fn example(mut self, name: &str) -> Self {
+        let bin = minivmm_bin();
+        let dir = bin.parent().expect("binary directory");
+        self.program = Some(dir.join("examples").join(name));
         self
     }
 
@@ -914,7 +925,7 @@ impl Vm {
         let logs = log_dir();
         let serial_log = logs.join(format!("{label}.log"));
         let stderr_log = logs.join(format!("{label}.stderr.log"));
-        let bin = minivmm_bin();
+        let bin = opts.program.clone().unwrap_or_else(minivmm_bin);
         let args = opts.args(control_path.as_deref());
         let started = Instant::now();
         let mut child = Command::new(&bin)
@@ -1256,12 +1267,7 @@ impl Vm {
     /// The `info` reply without its clock (`uptime=`): equal replies mean an unchanged VM.
     #[track_caller]
     pub fn state(&mut self) -> String {
-        let reply = self.control("info");
-        reply
-            .split(' ')
-            .filter(|w| !w.starts_with("uptime="))
-            .collect::<Vec<_>>()
-            .join(" ")
+        without_clock(&self.control("info"))
     }
 
     /// `info` parsed into key/value pairs (fails unless the reply starts with `ok`).
@@ -1378,6 +1384,14 @@ pub fn read_reply(s: &mut UnixStream) -> std::io::Result<String> {
     Ok(String::from_utf8_lossy(&out)
         .trim_end_matches('\r')
         .to_string())
+}
+
+/// An `info` reply without its clock (`uptime=`), for comparing VM state.
+pub fn without_clock(info: &str) -> String {
+    info.split(' ')
+        .filter(|w| !w.starts_with("uptime="))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Reads lines until the peer closes the connection (or a read times out, which fails).

@@ -1,0 +1,412 @@
+//! Resize planning and its VMM-side preparation, over plain numbers and a small backend trait, so
+//! every rule and every rollback path is unit-tested without KVM.
+//!
+//! A resize is: [`plan`] (validate against the machine's state, pure) → [`prepare`] (map memory,
+//! start vCPU threads; on any failure undo what was done) → commit and announce (the VMM marks the
+//! hotplug controllers and raises one GED interrupt).
+
+use std::ops::Range;
+
+use crate::arch::x86_64::layout::MEMORY_HOTPLUG_ALIGN;
+use crate::config::{format_size, MEMORY_SIZE_ALIGN, MIN_MEMORY_SIZE};
+
+/// What the planner needs to know about the running machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResizeState {
+    /// Most vCPUs (`--cpus max=`).
+    pub max_cpus: u32,
+    /// vCPUs present now (including those being removed).
+    pub present_cpus: u32,
+    /// vCPUs waiting for the guest's eject.
+    pub removing: Vec<u32>,
+    /// The vCPU count last requested.
+    pub target_cpus: u32,
+    /// How long the pending removal has waited, in seconds.
+    pub removal_waited_secs: u64,
+    /// RAM the guest has now (boot RAM plus hot-added).
+    pub current_mem: u64,
+    /// Boot RAM plus the hotplug window.
+    pub max_mem: u64,
+    /// The hotplug window this boot (guest-physical).
+    pub window: Range<u64>,
+    /// Bytes hot-added this boot (the window is filled from its start).
+    pub hotplugged: u64,
+    /// Memory hotplug slots this boot.
+    pub mem_slots: usize,
+    /// Memory hotplug slots used this boot.
+    pub used_mem_slots: usize,
+}
+
+/// A validated resize.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// vCPU indices to hot-add.
+    pub add_cpus: Range<u32>,
+    /// vCPU indices to ask the guest to eject.
+    pub remove_cpus: Range<u32>,
+    /// A memory slot to hot-add: (slot, guest-physical start, size).
+    pub add_mem: Option<(usize, u64, u64)>,
+    /// The RAM size for the next boot.
+    pub pending_mem: Option<u64>,
+}
+
+fn join_ids(ids: &[u32]) -> String {
+    ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+}
+
+/// Validates a request for `cpus` vCPUs and/or `mem` bytes against `s`. The error is the message
+/// a front end returns to the client.
+pub fn plan(s: &ResizeState, cpus: Option<u32>, mem: Option<u64>) -> Result<Plan, String> {
+    let mut plan = Plan::default();
+    if let Some(n) = cpus {
+        if n == 0 {
+            return Err("cpus=0 is invalid: a VM needs at least one vCPU".into());
+        }
+        if n > s.max_cpus {
+            return Err(format!(
+                "cpus={n} exceeds max_cpus={} (set at start with --cpus max=)",
+                s.max_cpus
+            ));
+        }
+        if !s.removing.is_empty() && n != s.target_cpus {
+            return Err(format!(
+                "removal of vCPU {} still pending for {}s: the guest has not ejected it yet; retry when info shows removing=none",
+                join_ids(&s.removing),
+                s.removal_waited_secs
+            ));
+        }
+        if s.removing.is_empty() {
+            if n > s.present_cpus {
+                plan.add_cpus = s.present_cpus..n;
+            } else if n < s.present_cpus {
+                plan.remove_cpus = n..s.present_cpus;
+            }
+        }
+    }
+    if let Some(want) = mem {
+        let current = s.current_mem;
+        if want > s.max_mem {
+            return Err(format!(
+                "mem={} exceeds max_mem={} (size + hotplug_size at start)",
+                format_size(want),
+                format_size(s.max_mem)
+            ));
+        }
+        if want > current {
+            let delta = want - current;
+            if !delta.is_multiple_of(MEMORY_HOTPLUG_ALIGN) {
+                return Err(format!(
+                    "mem={}: growth by {} from {} is not a multiple of {}",
+                    format_size(want),
+                    format_size(delta),
+                    format_size(current),
+                    format_size(MEMORY_HOTPLUG_ALIGN)
+                ));
+            }
+            let start = s.window.start + s.hotplugged;
+            if start + delta > s.window.end {
+                return Err(format!(
+                    "mem={}: only {} of the hotplug window is left this boot (reboot to reclaim alignment)",
+                    format_size(want),
+                    format_size(s.window.end.saturating_sub(start))
+                ));
+            }
+            if s.used_mem_slots >= s.mem_slots {
+                return Err(format!(
+                    "all {} memory hotplug slots are used this boot; grow in larger steps or reboot",
+                    s.mem_slots
+                ));
+            }
+            plan.add_mem = Some((s.used_mem_slots, start, delta));
+        } else if want < current {
+            if want < MIN_MEMORY_SIZE {
+                return Err(format!(
+                    "mem={} is below the minimum of {}",
+                    format_size(want),
+                    format_size(MIN_MEMORY_SIZE)
+                ));
+            }
+            if !want.is_multiple_of(MEMORY_SIZE_ALIGN) {
+                return Err(format!(
+                    "mem={} is not a multiple of {}",
+                    format_size(want),
+                    format_size(MEMORY_SIZE_ALIGN)
+                ));
+            }
+        }
+        plan.pending_mem = Some(want);
+    }
+    Ok(plan)
+}
+
+/// The VMM-side operations a resize needs before it is announced.
+pub trait Backend {
+    /// Maps and registers `size` bytes of RAM at `start`.
+    fn add_memory(&mut self, start: u64, size: u64) -> Result<(), String>;
+    /// Unregisters and unmaps the RAM added last.
+    fn remove_last_memory(&mut self) -> Result<(), String>;
+    /// Creates (or reuses) vCPU `id` and starts its thread.
+    fn start_vcpu(&mut self, id: u32) -> Result<(), String>;
+    /// Stops the thread of vCPU `id` again (its fd is kept for reuse).
+    fn stop_vcpu(&mut self, id: u32);
+}
+
+/// Does the VMM-side work of `plan` through `backend`: memory first, then the vCPUs. If a step
+/// fails, everything done so far is undone in reverse order and the error says nothing changed.
+pub fn prepare(plan: &Plan, backend: &mut dyn Backend) -> Result<(), String> {
+    if let Some((_, start, size)) = plan.add_mem {
+        backend
+            .add_memory(start, size)
+            .map_err(|e| format!("resize failed, nothing changed: {e}"))?;
+    }
+    for id in plan.add_cpus.clone() {
+        if let Err(e) = backend.start_vcpu(id) {
+            for started in (plan.add_cpus.start..id).rev() {
+                backend.stop_vcpu(started);
+            }
+            if plan.add_mem.is_some() {
+                if let Err(e) = backend.remove_last_memory() {
+                    log::error!("rolling back hot-added memory: {e}");
+                }
+            }
+            return Err(format!("resize failed, nothing changed: {e}"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const M: u64 = 1 << 20;
+    const G: u64 = 1 << 30;
+
+    fn state() -> ResizeState {
+        ResizeState {
+            max_cpus: 4,
+            present_cpus: 1,
+            removing: vec![],
+            target_cpus: 1,
+            removal_waited_secs: 0,
+            current_mem: 512 * M,
+            max_mem: 512 * M + 2 * G,
+            window: 4 * G..6 * G,
+            hotplugged: 0,
+            mem_slots: 16,
+            used_mem_slots: 0,
+        }
+    }
+
+    #[test]
+    fn cpu_plans() {
+        let s = state();
+        assert_eq!(plan(&s, Some(3), None).unwrap().add_cpus, 1..3);
+        assert_eq!(plan(&s, Some(1), None).unwrap(), Plan::default());
+        let s3 = ResizeState {
+            present_cpus: 3,
+            target_cpus: 3,
+            ..state()
+        };
+        assert_eq!(plan(&s3, Some(1), None).unwrap().remove_cpus, 1..3);
+        assert_eq!(
+            plan(&s, Some(0), None).unwrap_err(),
+            "cpus=0 is invalid: a VM needs at least one vCPU"
+        );
+        assert_eq!(
+            plan(&s, Some(5), None).unwrap_err(),
+            "cpus=5 exceeds max_cpus=4 (set at start with --cpus max=)"
+        );
+    }
+
+    #[test]
+    fn a_pending_removal_blocks_other_cpu_counts_only() {
+        let s = ResizeState {
+            present_cpus: 3,
+            removing: vec![1, 2],
+            target_cpus: 1,
+            removal_waited_secs: 7,
+            ..state()
+        };
+        assert_eq!(
+            plan(&s, Some(2), None).unwrap_err(),
+            "removal of vCPU 1,2 still pending for 7s: the guest has not ejected it yet; retry when info shows removing=none"
+        );
+        // Asking for the count already requested changes nothing; memory still works.
+        let p = plan(&s, Some(1), Some(640 * M)).unwrap();
+        assert_eq!((p.add_cpus, p.remove_cpus), (0..0, 0..0));
+        assert_eq!(p.add_mem, Some((0, 4 * G, 128 * M)));
+    }
+
+    #[test]
+    fn memory_plans() {
+        let s = state();
+        let p = plan(&s, None, Some(1536 * M)).unwrap();
+        assert_eq!(p.add_mem, Some((0, 4 * G, G)));
+        assert_eq!(p.pending_mem, Some(1536 * M));
+        // Shrinks only change the next boot.
+        let p = plan(&s, None, Some(256 * M)).unwrap();
+        assert_eq!((p.add_mem, p.pending_mem), (None, Some(256 * M)));
+        // The window fills from its start; slots are numbered in order.
+        let grown = ResizeState {
+            current_mem: 1536 * M,
+            hotplugged: G,
+            used_mem_slots: 1,
+            ..state()
+        };
+        assert_eq!(
+            plan(&grown, None, Some(1664 * M)).unwrap().add_mem,
+            Some((1, 5 * G, 128 * M))
+        );
+    }
+
+    #[test]
+    fn memory_errors() {
+        let s = state();
+        let err = |mem, st: &ResizeState| plan(st, None, Some(mem)).unwrap_err();
+        assert_eq!(
+            err(4 * G, &s),
+            "mem=4G exceeds max_mem=2560M (size + hotplug_size at start)"
+        );
+        assert_eq!(
+            err(600 * M, &s),
+            "mem=600M: growth by 88M from 512M is not a multiple of 128M"
+        );
+        assert_eq!(err(32 * M, &s), "mem=32M is below the minimum of 64M");
+        assert_eq!(
+            err(100 * M + 1, &s),
+            "mem=104857601 is not a multiple of 1M"
+        );
+        let full = ResizeState {
+            used_mem_slots: 16,
+            ..state()
+        };
+        assert_eq!(
+            err(640 * M, &full),
+            "all 16 memory hotplug slots are used this boot; grow in larger steps or reboot"
+        );
+        let tight = ResizeState {
+            window: 4 * G..4 * G + 256 * M,
+            ..state()
+        };
+        assert_eq!(
+            err(1024 * M, &tight),
+            "mem=1G: only 256M of the hotplug window is left this boot (reboot to reclaim alignment)"
+        );
+        // Nothing is planned when either half is wrong.
+        assert!(plan(&s, Some(2), Some(600 * M)).is_err());
+        assert!(plan(&s, Some(9), Some(640 * M)).is_err());
+    }
+
+    /// Records calls; fails the n-th vCPU start or the memory add.
+    #[derive(Default)]
+    struct Fake {
+        fail_vcpu: Option<u32>,
+        fail_mem: bool,
+        fail_unmap: bool,
+        mem: Vec<(u64, u64)>,
+        running: Vec<u32>,
+        calls: Vec<String>,
+    }
+
+    impl Backend for Fake {
+        fn add_memory(&mut self, start: u64, size: u64) -> Result<(), String> {
+            self.calls.push(format!("add_memory {start:#x}"));
+            if self.fail_mem {
+                return Err("KVM_SET_USER_MEMORY_REGION failed".into());
+            }
+            self.mem.push((start, size));
+            Ok(())
+        }
+        fn remove_last_memory(&mut self) -> Result<(), String> {
+            self.calls.push("remove_last_memory".into());
+            if self.fail_unmap {
+                return Err("munmap failed".into());
+            }
+            self.mem.pop();
+            Ok(())
+        }
+        fn start_vcpu(&mut self, id: u32) -> Result<(), String> {
+            self.calls.push(format!("start_vcpu {id}"));
+            if self.fail_vcpu == Some(id) {
+                return Err(format!("cannot spawn the thread for vCPU {id}"));
+            }
+            self.running.push(id);
+            Ok(())
+        }
+        fn stop_vcpu(&mut self, id: u32) {
+            self.calls.push(format!("stop_vcpu {id}"));
+            self.running.retain(|&r| r != id);
+        }
+    }
+
+    fn both() -> Plan {
+        plan(&state(), Some(4), Some(1536 * M)).unwrap()
+    }
+
+    #[test]
+    fn prepare_does_memory_then_vcpus() {
+        let mut f = Fake::default();
+        prepare(&both(), &mut f).unwrap();
+        assert_eq!(f.mem, vec![(4 * G, G)]);
+        assert_eq!(f.running, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn a_failed_vcpu_rolls_back_the_started_ones_and_the_memory() {
+        let mut f = Fake {
+            fail_vcpu: Some(3),
+            ..Fake::default()
+        };
+        let err = prepare(&both(), &mut f).unwrap_err();
+        assert_eq!(
+            err,
+            "resize failed, nothing changed: cannot spawn the thread for vCPU 3"
+        );
+        assert!(f.mem.is_empty() && f.running.is_empty(), "{:?}", f.calls);
+        assert_eq!(
+            f.calls,
+            [
+                "add_memory 0x100000000",
+                "start_vcpu 1",
+                "start_vcpu 2",
+                "start_vcpu 3",
+                "stop_vcpu 2",
+                "stop_vcpu 1",
+                "remove_last_memory"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_failed_first_vcpu_or_memory_leaves_nothing() {
+        let mut f = Fake {
+            fail_vcpu: Some(1),
+            ..Fake::default()
+        };
+        assert!(prepare(&plan(&state(), Some(2), None).unwrap(), &mut f).is_err());
+        assert_eq!(f.calls, ["start_vcpu 1"]);
+        let mut f = Fake {
+            fail_mem: true,
+            ..Fake::default()
+        };
+        let err = prepare(&both(), &mut f).unwrap_err();
+        assert_eq!(
+            err,
+            "resize failed, nothing changed: KVM_SET_USER_MEMORY_REGION failed"
+        );
+        assert_eq!(f.calls, ["add_memory 0x100000000"], "no vCPU started");
+    }
+
+    #[test]
+    fn a_failed_unmap_during_rollback_still_reports_the_first_error() {
+        let mut f = Fake {
+            fail_vcpu: Some(2),
+            fail_unmap: true,
+            ..Fake::default()
+        };
+        let err = prepare(&both(), &mut f).unwrap_err();
+        assert!(err.ends_with("cannot spawn the thread for vCPU 2"), "{err}");
+        assert!(f.running.is_empty());
+    }
+}
