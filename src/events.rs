@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use crate::config::format_size;
+use crate::size::format_size;
 
 /// Something that happened to the VM.
 #[derive(Debug, Clone, PartialEq, Eq)]

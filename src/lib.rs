@@ -20,6 +20,7 @@ pub mod exit;
 pub mod logger;
 pub mod resize;
 pub mod seccomp;
+pub mod size;
 pub mod terminal;
 pub mod vcpu;
 pub mod vm;

@@ -8,7 +8,8 @@
 use std::ops::Range;
 
 use crate::arch::x86_64::layout::MEMORY_HOTPLUG_ALIGN;
-use crate::config::{format_size, MEMORY_SIZE_ALIGN, MIN_MEMORY_SIZE};
+use crate::config::{MEMORY_SIZE_ALIGN, MIN_MEMORY_SIZE};
+use crate::size::format_size;
 
 /// What the planner needs to know about the running machine.
 #[derive(Debug, Clone, PartialEq, Eq)]

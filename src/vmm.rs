@@ -18,7 +18,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::acpi::{self, AcpiConfig};
 use crate::arch::x86_64::layout::{self, ports};
 use crate::arch::x86_64::{boot, memory, regs};
-use crate::config::{format_size, VmConfig};
+use crate::config::VmConfig;
 use crate::control::{ControlTarget, VmInfo};
 use crate::devices::acpi_pm::AcpiPm;
 use crate::devices::cpu_hotplug::CpuHotplug;
@@ -35,6 +35,7 @@ use crate::devices::{Bus, BusDevice, DeviceEvent, ResetCause, Trigger};
 use crate::events::Event;
 use crate::resize::{self, ResizeState};
 use crate::seccomp::BpfProgram;
+use crate::size::format_size;
 use crate::vcpu::{EventSink, VcpuContext, VcpuEvent, VcpuThread};
 use crate::vm::{Vm, VmError};
 

@@ -22,12 +22,14 @@ const SDT_HEADER_LEN: u32 = 36;
 /// Timeout meaning "wait forever" for `Acquire`.
 const WAIT_FOREVER: u16 = 0xffff;
 
-/// GED event bit: CPU devices changed.
-pub(super) const GED_CPU_BIT: u8 = 1 << 0;
-/// GED event bit: memory devices changed.
-pub(super) const GED_MEMORY_BIT: u8 = 1 << 1;
-/// GED event bit: power button pressed.
-pub(super) const GED_POWER_BUTTON_BIT: u8 = 1 << 3;
+// GED event bits and CPU controller commands: the devices' own constants, so the AML and the
+// device models cannot drift apart.
+use crate::devices::cpu_hotplug::{
+    CMD_OST_EVENT as CCMD_OST_EVENT, CMD_OST_STATUS as CCMD_OST_STATUS,
+};
+use crate::devices::ged::{
+    GED_CPU as GED_CPU_BIT, GED_MEMORY as GED_MEMORY_BIT, GED_POWER_BUTTON as GED_POWER_BUTTON_BIT,
+};
 
 /// ACPI notify values.
 const NOTIFY_DEVICE_CHECK: u8 = 1;
@@ -46,9 +48,6 @@ const CRMV: &str = "\\_SB_.PRES.CRMV";
 const CEJ0: &str = "\\_SB_.PRES.CEJ0";
 const CCMD: &str = "\\_SB_.PRES.CCMD";
 const CDAT: &str = "\\_SB_.PRES.CDAT";
-/// CCMD values selecting what the next CDAT write carries.
-const CCMD_OST_EVENT: u8 = 1;
-const CCMD_OST_STATUS: u8 = 2;
 
 // Memory hotplug controller objects.
 const MLCK: &str = "\\_SB_.MHPC.MLCK";

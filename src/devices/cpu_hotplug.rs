@@ -41,9 +41,9 @@ const FLAG_CEJ0: u8 = 1 << 3;
 /// CCMD: select the next CPU with a pending insert/remove event.
 const CMD_NEXT_EVENT: u8 = 0;
 /// CCMD: the next CDAT write is the `_OST` event.
-const CMD_OST_EVENT: u8 = 1;
+pub const CMD_OST_EVENT: u8 = 1;
 /// CCMD: the next CDAT write is the `_OST` status.
-const CMD_OST_STATUS: u8 = 2;
+pub const CMD_OST_STATUS: u8 = 2;
 /// CCMD: CDAT reads the selected CPU's APIC ID.
 const CMD_GET_APIC_ID: u8 = 3;
 

@@ -444,39 +444,12 @@ mod tests {
         GuestMemoryMmap::from_ranges(&ram_regions(size)).unwrap()
     }
 
-    /// A temporary file removed on drop.
-    struct TempFile {
-        path: std::path::PathBuf,
-        file: File,
-    }
-
-    impl TempFile {
-        fn new(name: &str, bytes: &[u8]) -> Self {
-            let path = std::env::temp_dir().join(format!(
-                "minivmm-boot-test-{}-{}-{name}",
-                std::process::id(),
-                std::thread::current()
-                    .name()
-                    .unwrap_or("t")
-                    .replace("::", "-")
-            ));
-            let mut file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&path)
-                .unwrap();
-            file.write_all(bytes).unwrap();
-            file.rewind().unwrap();
-            TempFile { path, file }
-        }
-    }
-
-    impl Drop for TempFile {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.path);
-        }
+    /// An unlinked temporary file holding `bytes`, positioned at its start.
+    fn temp_file(bytes: &[u8]) -> File {
+        let mut file = vmm_sys_util::tempfile::TempFile::new().unwrap().into_file();
+        file.write_all(bytes).unwrap();
+        file.rewind().unwrap();
+        file
     }
 
     /// Builds a minimal little-endian ELF64 executable: one PT_LOAD segment with `code` at
@@ -549,11 +522,8 @@ mod tests {
     #[test]
     fn elf_with_pvh_note_uses_pvh_entry() {
         let mem = guest_mem(64 * MIB);
-        let mut t = TempFile::new(
-            "pvh.elf",
-            &build_elf(0x20_0000, 0x20_0000, &CODE, Some(0x20_0001)),
-        );
-        let k = load_kernel(&mem, &mut t.file).unwrap();
+        let mut t = temp_file(&build_elf(0x20_0000, 0x20_0000, &CODE, Some(0x20_0001)));
+        let k = load_kernel(&mem, &mut t).unwrap();
         assert_eq!(k.protocol, BootProtocol::Pvh);
         assert_eq!(k.entry, GuestAddress(0x20_0001));
         assert!(k.setup_header.is_none());
@@ -566,8 +536,8 @@ mod tests {
     #[test]
     fn plain_elf_uses_64bit_entry() {
         let mem = guest_mem(64 * MIB);
-        let mut t = TempFile::new("plain.elf", &build_elf(0x100_0000, 0x100_0000, &CODE, None));
-        let k = load_kernel(&mem, &mut t.file).unwrap();
+        let mut t = temp_file(&build_elf(0x100_0000, 0x100_0000, &CODE, None));
+        let k = load_kernel(&mem, &mut t).unwrap();
         assert_eq!(k.protocol, BootProtocol::Linux64);
         assert_eq!(k.entry, GuestAddress(0x100_0000));
         assert!(k.setup_header.is_none());
@@ -576,12 +546,12 @@ mod tests {
     #[test]
     fn unknown_format_is_rejected() {
         let mem = guest_mem(16 * MIB);
-        let mut t = TempFile::new("junk", &[0x55u8; 0x400]);
-        let err = load_kernel(&mem, &mut t.file).unwrap_err();
+        let mut t = temp_file(&[0x55u8; 0x400]);
+        let err = load_kernel(&mem, &mut t).unwrap_err();
         assert!(matches!(err, BootError::UnknownKernelFormat), "{err}");
-        let mut short = TempFile::new("short", b"\x7fEL");
+        let mut short = temp_file(b"\x7fEL");
         assert!(matches!(
-            load_kernel(&mem, &mut short.file),
+            load_kernel(&mem, &mut short),
             Err(BootError::UnknownKernelFormat)
         ));
     }
@@ -613,8 +583,8 @@ mod tests {
     #[test]
     fn fake_bzimage_loads_with_64bit_entry() {
         let mem = guest_mem(64 * MIB);
-        let mut t = TempFile::new("bz", &build_bzimage(0x020f, 0x7f));
-        let k = load_kernel(&mem, &mut t.file).unwrap();
+        let mut t = temp_file(&build_bzimage(0x020f, 0x7f));
+        let k = load_kernel(&mem, &mut t).unwrap();
         assert_eq!(k.protocol, BootProtocol::Linux64);
         assert_eq!(k.entry, GuestAddress(0x10_0200));
         let hdr = k.setup_header.unwrap();
@@ -629,8 +599,8 @@ mod tests {
     #[test]
     fn old_or_32bit_bzimage_is_rejected() {
         let mem = guest_mem(64 * MIB);
-        let mut old = TempFile::new("bz-old", &build_bzimage(0x020b, 1));
-        let err = load_kernel(&mem, &mut old.file).unwrap_err();
+        let mut old = temp_file(&build_bzimage(0x020b, 1));
+        let err = load_kernel(&mem, &mut old).unwrap_err();
         assert!(matches!(
             err,
             BootError::BootProtocolTooOld {
@@ -639,9 +609,9 @@ mod tests {
             }
         ));
         assert!(err.to_string().contains("2.11"), "{err}");
-        let mut no64 = TempFile::new("bz-32", &build_bzimage(0x020f, 0x2));
+        let mut no64 = temp_file(&build_bzimage(0x020f, 0x2));
         assert!(matches!(
-            load_kernel(&mem, &mut no64.file),
+            load_kernel(&mem, &mut no64),
             Err(BootError::NotA64BitKernel)
         ));
     }
@@ -679,8 +649,8 @@ mod tests {
             kernel_end: 0x200_0000,
         };
         let data: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
-        let mut t = TempFile::new("initrd", &data);
-        let (addr, len) = load_initramfs(&mem, &mut t.file, &k, 64 * MIB).unwrap();
+        let mut t = temp_file(&data);
+        let (addr, len) = load_initramfs(&mem, &mut t, &k, 64 * MIB).unwrap();
         assert_eq!(len, data.len());
         assert_eq!(addr.0 % 4096, 0);
         assert_eq!(addr.0, (64 * MIB - 10_000) & !0xfff);
@@ -732,9 +702,9 @@ mod tests {
             setup_header: None,
             kernel_end: 0x20_0000,
         };
-        let mut t = TempFile::new("empty", &[]);
+        let mut t = temp_file(&[]);
         assert!(matches!(
-            load_initramfs(&mem, &mut t.file, &k, 16 * MIB),
+            load_initramfs(&mem, &mut t, &k, 16 * MIB),
             Err(BootError::EmptyInitramfs)
         ));
     }
@@ -906,8 +876,8 @@ mod tests {
         assert_eq!(first, file_bytes);
 
         let data = vec![0xa5u8; 3 << 20];
-        let mut initrd = TempFile::new("debian-initrd", &data);
-        let (addr, len) = load_initramfs(&mem, &mut initrd.file, &k, 512 * MIB).unwrap();
+        let mut initrd = temp_file(&data);
+        let (addr, len) = load_initramfs(&mem, &mut initrd, &k, 512 * MIB).unwrap();
         assert!(addr.0 >= k.kernel_end && addr.0 + len as u64 <= 512 * MIB);
         configure_system(&mem, &k, "console=ttyS0", Some((addr, len)), 512 * MIB).unwrap();
         let p: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
