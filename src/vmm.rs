@@ -254,7 +254,10 @@ impl Vmm {
         let started = Instant::now();
         let spec = self.next;
         let max_cpus = self.config.cpus.max;
-        let vm = Vm::new(&self.kvm, &memory::ram_regions(spec.mem))?;
+        // Online events matter for hot-added vCPUs; without hotplug the MSR filter is not worth
+        // its set-up cost.
+        let report_online = max_cpus > self.config.cpus.boot;
+        let vm = Vm::new(&self.kvm, &memory::ram_regions(spec.mem), report_online)?;
 
         let kernel = self.load_guest(&vm, spec)?;
 
