@@ -52,7 +52,7 @@ pub enum Event {
     PowerButton,
     /// The guest reset the machine and minivmm is rebuilding it.
     Reboot {
-        /// One-word cause, see [`crate::devices::ResetCause::token`].
+        /// One-word cause, see [`crate::ResetCause::token`].
         cause: &'static str,
     },
     /// The guest panicked (pvpanic).

@@ -7,30 +7,31 @@
 #![deny(missing_docs)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
-pub mod acpi;
+pub(crate) mod acpi;
 pub mod api;
-pub mod arch;
+pub(crate) mod arch;
 pub mod config;
 pub mod control;
-pub mod control_socket;
-pub mod devices;
-pub mod event_loop;
+pub(crate) mod control_socket;
+pub(crate) mod devices;
+pub(crate) mod event_loop;
 pub mod events;
 pub mod exit;
 pub mod logger;
-pub mod resize;
-pub mod seccomp;
+pub(crate) mod resize;
+pub(crate) mod seccomp;
 pub mod size;
-pub mod terminal;
-pub mod vcpu;
-pub mod vm;
-pub mod vmm;
+pub(crate) mod terminal;
+pub(crate) mod vcpu;
+pub(crate) mod vm;
+pub(crate) mod vmm;
 
 use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
 
 use config::{SerialMode, VmConfig};
+pub use devices::ResetCause;
 pub use exit::{
     Exit, EXIT_ERROR, EXIT_GUEST_FAULT, EXIT_OK, EXIT_PANIC, EXIT_REBOOT, EXIT_SECCOMP,
     EXIT_TIMEOUT,

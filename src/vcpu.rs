@@ -150,11 +150,6 @@ impl VcpuThread {
         Ok(VcpuThread { id, kill, handle })
     }
 
-    /// The vCPU index.
-    pub fn id(&self) -> u32 {
-        self.id
-    }
-
     /// Asks the thread to stop, without waiting.
     pub fn signal_stop(&self) {
         self.kill.store(true, Ordering::SeqCst);

@@ -10,10 +10,7 @@ use kvm_bindings::{
 use kvm_ioctls::{
     Cap, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuFd, VmFd,
 };
-use vm_memory::{
-    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
-    MmapRegion,
-};
+use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::{cpuid, layout, msr, regs};
@@ -165,11 +162,6 @@ impl Vm {
         }
     }
 
-    /// The VM fd.
-    pub fn fd(&self) -> &VmFd {
-        &self.fd
-    }
-
     /// Guest memory.
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.memory
@@ -242,11 +234,6 @@ impl Vm {
             return Err(VmError::NoSlot(self.max_slots));
         }
         Ok(slot)
-    }
-
-    /// Total bytes of guest RAM currently mapped.
-    pub fn memory_size(&self) -> u64 {
-        self.memory.iter().map(|r| r.len()).sum()
     }
 
     /// Routes `evt` to interrupt line `gsi` (`KVM_IRQFD`).

@@ -73,6 +73,15 @@ fn a_vm_driven_through_the_api_from_another_thread() {
         .start()
         .expect("start");
     let vm = Arc::new(vm);
+    // Let the first boot greet before anything else happens (the guest may not have run yet).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while console.0.lock().unwrap().as_slice() != b"hi\n" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no greeting from the first boot"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let mut events = Events {
         rx: vm.events(),
         rebooted: false,

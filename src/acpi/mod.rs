@@ -141,6 +141,7 @@ pub struct AcpiTables {
 }
 
 impl AcpiTables {
+    #[cfg(test)]
     /// The table with `signature` ("RSDP" included), if any.
     pub fn get(&self, signature: &str) -> Option<&AcpiTable> {
         std::iter::once(&self.rsdp)

@@ -173,6 +173,7 @@ impl CpuHotplug {
             .collect()
     }
 
+    #[cfg(test)]
     /// Number of possible CPUs.
     pub fn max_cpus(&self) -> u32 {
         // Built from a u32 in `new`.

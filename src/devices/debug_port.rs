@@ -18,6 +18,7 @@ impl DebugPort {
         Self::default()
     }
 
+    #[cfg(test)]
     /// Writes seen this boot.
     pub fn writes(&self) -> u64 {
         self.writes

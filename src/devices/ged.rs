@@ -36,6 +36,7 @@ impl Ged {
         self.irq.trigger()
     }
 
+    #[cfg(test)]
     /// Event bits the guest has not read yet.
     pub fn pending(&self) -> u8 {
         self.pending

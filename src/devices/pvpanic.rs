@@ -11,6 +11,7 @@ use super::{BusDevice, DeviceEvent};
 /// Event bit: the guest panicked.
 pub const PVPANIC_PANICKED: u8 = 1 << 0;
 /// Event bit: the guest panicked and a crash kernel is loaded (not offered).
+#[cfg(test)]
 pub const PVPANIC_CRASH_LOADED: u8 = 1 << 1;
 
 /// The pvpanic register (len 1).

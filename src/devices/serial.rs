@@ -116,6 +116,7 @@ impl SerialDevice {
         }
     }
 
+    #[cfg(test)]
     /// Number of guest output bytes the writer failed to take since creation.
     pub fn lost_output_bytes(&self) -> u64 {
         self.serial.events().lost_output.load(Ordering::Relaxed)

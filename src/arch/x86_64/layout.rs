@@ -65,6 +65,15 @@ pub const FIRST_ADDR_PAST_32BITS: u64 = 1 << 32;
 pub const PLATFORM_MMIO_START: u64 = 0xfeb0_0000;
 /// Size of the platform MMIO page.
 pub const PLATFORM_MMIO_SIZE: u64 = 0x1000;
+const _: () = assert!(
+    MEM_HOTPLUG_START + MEM_HOTPLUG_SIZE <= PLATFORM_MMIO_START + PLATFORM_MMIO_SIZE,
+    "the hotplug controllers fit the platform MMIO page"
+);
+const _: () = assert!(
+    PLATFORM_MMIO_START >= MMIO_HOLE_START
+        && PLATFORM_MMIO_START + PLATFORM_MMIO_SIZE <= MMIO_HOLE_START + MMIO_HOLE_SIZE,
+    "the platform MMIO page lies in the 32-bit MMIO hole"
+);
 /// ACPI Generic Event Device: one read-to-clear event byte.
 pub const GED_START: u64 = PLATFORM_MMIO_START;
 /// Size of the GED register block.
@@ -167,8 +176,6 @@ pub const S5_SLEEP_TYPE: u8 = 5;
 pub mod irq {
     /// COM1.
     pub const COM1: u32 = 4;
-    /// i8042 keyboard.
-    pub const I8042: u32 = 1;
     /// RTC.
     pub const RTC: u32 = 8;
     /// GED: edge-triggered, active-high; 16..23 are routed to the IOAPIC only.

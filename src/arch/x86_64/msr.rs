@@ -26,6 +26,7 @@ pub const MSR_CSTAR: u32 = 0xc000_0083;
 pub const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
 /// `IA32_KERNEL_GS_BASE`.
 pub const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+#[cfg(test)]
 /// `IA32_TSC`: never part of the boot list.
 pub const MSR_IA32_TSC: u32 = 0x10;
 
