@@ -13,6 +13,7 @@ pub(crate) mod arch;
 pub mod config;
 pub mod control;
 pub(crate) mod control_socket;
+pub(crate) mod cpus;
 pub(crate) mod devices;
 pub(crate) mod event_loop;
 pub mod events;

@@ -11,7 +11,7 @@ use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use kvm_ioctls::{Kvm, VcpuFd};
+use kvm_ioctls::Kvm;
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -20,6 +20,7 @@ use crate::arch::x86_64::layout::{self, ports};
 use crate::arch::x86_64::{boot, memory, regs};
 use crate::config::VmConfig;
 use crate::control::{ControlTarget, VmInfo};
+use crate::cpus::Vcpus;
 use crate::devices::acpi_pm::AcpiPm;
 use crate::devices::cpu_hotplug::CpuHotplug;
 use crate::devices::debug_exit::DebugExit;
@@ -36,7 +37,7 @@ use crate::events::Event;
 use crate::resize::{self, ResizeState};
 use crate::seccomp::BpfProgram;
 use crate::size::format_size;
-use crate::vcpu::{EventSink, VcpuContext, VcpuEvent, VcpuThread};
+use crate::vcpu::{EventSink, VcpuContext, VcpuEvent};
 use crate::vm::{Vm, VmError};
 
 /// Errors while building or changing the machine.
@@ -75,14 +76,6 @@ struct BootSpec {
     mem: u64,
 }
 
-/// A vCPU index's KVM fd and thread. KVM cannot destroy a vCPU, so a fd, once created, is kept
-/// and reused when the CPU is added again.
-#[derive(Default)]
-struct VcpuSlot {
-    parked: Option<VcpuFd>,
-    thread: Option<VcpuThread>,
-}
-
 /// A device as the buses hold it.
 type SharedDevice = Arc<Mutex<dyn BusDevice>>;
 
@@ -99,7 +92,7 @@ struct Machine {
     vm: Vm,
     devices: Devices,
     ctx: VcpuContext,
-    vcpus: Vec<VcpuSlot>,
+    vcpus: Vcpus,
     boot_mem: u64,
     window: Range<u64>,
     hotplugged: u64,
@@ -279,7 +272,7 @@ impl Vmm {
             vm,
             devices,
             ctx,
-            vcpus: (0..max_cpus).map(|_| VcpuSlot::default()).collect(),
+            vcpus: Vcpus::new(max_cpus),
             boot_mem: spec.mem,
             window,
             hotplugged: 0,
@@ -287,12 +280,9 @@ impl Vmm {
             boot_marker: None,
         };
         for (id, fd) in fds.into_iter().enumerate() {
-            match VcpuThread::spawn(id as u32, fd, machine.ctx.clone()) {
-                Ok(t) => machine.vcpus[id].thread = Some(t),
-                Err(e) => {
-                    stop_all(&mut machine);
-                    return Err(e.into());
-                }
+            if let Err(e) = machine.vcpus.run(id as u32, fd, &machine.ctx) {
+                machine.vcpus.stop_all();
+                return Err(e.into());
             }
         }
         self.machine = Some(machine);
@@ -440,7 +430,7 @@ impl Vmm {
     /// Stops every vCPU and drops the machine.
     pub fn teardown(&mut self) {
         if let Some(mut machine) = self.machine.take() {
-            stop_all(&mut machine);
+            machine.vcpus.stop_all();
         }
         // Events of the old machine's vCPUs must not reach the next one.
         while self.events_rx.try_recv().is_ok() {}
@@ -572,14 +562,7 @@ impl Vmm {
             // A stale event: the CPU was added again since the guest ejected it.
             return;
         }
-        let Some(slot) = machine.vcpus.get_mut(cpu as usize) else {
-            return;
-        };
-        if let Some(thread) = slot.thread.take() {
-            match thread.stop() {
-                Ok(fd) => slot.parked = Some(fd),
-                Err(e) => log::error!("{e}"),
-            }
+        if machine.vcpus.stop(cpu) {
             log::info!("vCPU {cpu} ejected by the guest");
             self.events.push(Event::CpuEjected(cpu));
         }
@@ -593,9 +576,7 @@ impl Vmm {
         let ejected: Vec<u32> = match &self.machine {
             Some(m) => {
                 let hp = lock(&m.devices.cpu_hp);
-                (0..m.vcpus.len() as u32)
-                    .filter(|&i| m.vcpus[i as usize].thread.is_some() && !hp.is_enabled(i))
-                    .collect()
+                m.vcpus.running().filter(|&i| !hp.is_enabled(i)).collect()
             }
             None => Vec::new(),
         };
@@ -701,7 +682,6 @@ fn ost_failed(event: u32, status: u32) -> bool {
 /// [`resize::Backend`] over one machine: KVM memory slots and vCPU threads.
 struct MachineBackend<'a> {
     m: &'a mut Machine,
-    max_cpus: u32,
 }
 
 impl resize::Backend for MachineBackend<'_> {
@@ -718,46 +698,11 @@ impl resize::Backend for MachineBackend<'_> {
 
     fn start_vcpu(&mut self, id: u32) -> Result<(), String> {
         let m = &mut *self.m;
-        let slot = m
-            .vcpus
-            .get_mut(id as usize)
-            .ok_or_else(|| format!("no vCPU slot {id}"))?;
-        let fd = match slot.parked.take() {
-            Some(fd) => fd,
-            None => {
-                m.vm.create_vcpu(id, self.max_cpus)
-                    .map_err(|e| e.to_string())?
-            }
-        };
-        let thread = VcpuThread::spawn(id, fd, m.ctx.clone()).map_err(|e| e.to_string())?;
-        slot.thread = Some(thread);
-        Ok(())
+        m.vcpus.start(id, &m.vm, &m.ctx)
     }
 
     fn stop_vcpu(&mut self, id: u32) {
-        if let Some(slot) = self.m.vcpus.get_mut(id as usize) {
-            if let Some(t) = slot.thread.take() {
-                match t.stop() {
-                    Ok(fd) => slot.parked = Some(fd),
-                    Err(e) => log::error!("{e}"),
-                }
-            }
-        }
-    }
-}
-
-fn stop_all(machine: &mut Machine) {
-    for slot in &machine.vcpus {
-        if let Some(t) = &slot.thread {
-            t.signal_stop();
-        }
-    }
-    for slot in &mut machine.vcpus {
-        if let Some(t) = slot.thread.take() {
-            if let Err(e) = t.stop() {
-                log::error!("{e}");
-            }
-        }
+        self.m.vcpus.stop(id);
     }
 }
 
@@ -784,7 +729,6 @@ impl ControlTarget for Vmm {
 
     fn resize(&mut self, cpus: Option<u32>, mem: Option<u64>) -> Result<VmInfo, String> {
         self.reap_all_ejected();
-        let max_cpus = self.config.cpus.max;
         let Some(m) = self.machine.as_ref() else {
             return Err("the VM is not running".into());
         };
@@ -793,7 +737,7 @@ impl ControlTarget for Vmm {
             return Err("the VM is not running".into());
         };
         // VMM-side work first; undone if any part fails, since nothing has been announced yet.
-        resize::prepare(&plan, &mut MachineBackend { m, max_cpus })?;
+        resize::prepare(&plan, &mut MachineBackend { m })?;
 
         // Commit and announce with a single GED interrupt.
         let mut flags = 0u8;
