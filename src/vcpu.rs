@@ -217,7 +217,17 @@ fn run_loop(id: u32, mut vcpu: VcpuFd, ctx: &VcpuContext, kill: &AtomicBool) -> 
                     ctx.events.send(VcpuEvent::Online(id));
                     Next::Continue
                 }
-                Err(reason) => Next::Stop(fatal(id, reason)),
+                Err(reason) => {
+                    // E.g. a non-canonical address: the guest gets the #GP hardware would raise.
+                    log::debug!("vCPU {id}: {reason}; #GP to the guest");
+                    let run = vcpu.get_kvm_run();
+                    if run.exit_reason == kvm_bindings::KVM_EXIT_X86_WRMSR {
+                        // `msr` is the union member of this exit; KVM reads `error` on the next
+                        // KVM_RUN (writing a union field is safe).
+                        run.__bindgen_anon_1.msr.error = 1;
+                    }
+                    Next::Continue
+                }
             },
             other => other,
         };

@@ -12,7 +12,8 @@ mod tiny;
 
 use tiny::{
     echo_until_bang, out_byte, out_byte_then_halt, out_word_then_halt, print_then, pvh_elf,
-    CF9_RESET, HALT_FOREVER, KBD_RESET, LSTAR_ROUND_TRIP, POWER_OFF, RESET, TRIPLE_FAULT,
+    CF9_RESET, HALT_FOREVER, KBD_RESET, LSTAR_NON_CANONICAL, LSTAR_ROUND_TRIP, POWER_OFF, RESET,
+    TRIPLE_FAULT,
 };
 
 fn temp_path(name: &str) -> PathBuf {
@@ -847,4 +848,23 @@ fn lstar_write_is_completed_and_reports_the_cpu_online() {
         "stderr: {}",
         r.stderr
     );
+}
+
+/// A hostile LSTAR value (non-canonical) that KVM refuses is a #GP for the guest, as on hardware,
+/// not a minivmm failure: with no IDT the guest then triple-faults, which is a reset (exit 2).
+#[test]
+fn a_refused_lstar_write_is_a_guest_fault_not_a_vmm_one() {
+    let r = run_guest(
+        "lstar-bad",
+        LSTAR_NON_CANONICAL,
+        &[
+            "--cpus",
+            "boot=1,max=2",
+            "--exit-device",
+            "on",
+            "--no-reboot",
+        ],
+        b"",
+    );
+    assert_eq!(r.code, 2, "stderr: {}", r.stderr);
 }

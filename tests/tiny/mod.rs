@@ -142,3 +142,17 @@ pub const LSTAR_ROUND_TRIP: &[u8] = &[
     0xee, // out dx, al
     0xf4, 0xeb, 0xfd, // hlt loop
 ];
+
+/// Writes a non-canonical address to IA32_LSTAR with no IDT: the #GP it must raise cannot be
+/// delivered, so the vCPU triple-faults (a reset). Without the #GP it would go on to the exit
+/// device write (0x501 = 0x44).
+pub const LSTAR_NON_CANONICAL: &[u8] = &[
+    0xb9, 0x82, 0x00, 0x00, 0xc0, // mov ecx, 0xc0000082 (IA32_LSTAR)
+    0xb8, 0x00, 0x00, 0x00, 0x00, // mov eax, 0
+    0xba, 0x00, 0x00, 0x00, 0x80, // mov edx, 0x80000000 (address 0x8000_0000_0000_0000)
+    0x0f, 0x30, // wrmsr
+    0x66, 0xba, 0x01, 0x05, // mov dx, 0x501
+    0xb0, 0x44, // mov al, 0x44
+    0xee, // out dx, al
+    0xf4, 0xeb, 0xfd, // hlt loop
+];
