@@ -1,5 +1,6 @@
 //! Embedding minivmm: boot a guest from a Rust program, hot-add a vCPU and 128 MiB of memory
-//! through the API, print the events, and wait for the guest to power off.
+//! through the API once the guest writes its boot marker (debug port 0x80), print the events,
+//! and wait for the guest to power off.
 //!
 //! Takes minivmm's own command line (e.g. `--kernel vmlinux --initramfs initrd.gz --cpus
 //! boot=1,max=2 --memory size=512M,hotplug_size=1G`); the guest console is this program's
@@ -34,16 +35,16 @@ fn main() -> ExitCode {
     };
     let events = vm.events();
 
-    // Wait until the boot vCPU is up (its kernel set up SYSCALL), then grow the guest.
-    let mut up = false;
+    // Wait until the guest marks itself ready on the debug port (or two minutes), then grow it.
+    let mut ready = false;
     while let Ok(event) = events.recv_timeout(Duration::from_secs(120)) {
         eprintln!("embed: {event}");
-        if event == Event::CpuOnline(0) {
-            up = true;
+        if matches!(event, Event::BootMarker { .. }) {
+            ready = true;
             break;
         }
     }
-    eprintln!("embed: boot vCPU online: {up}");
+    eprintln!("embed: guest ready: {ready}");
     match vm.resize(Some(2), Some(boot_mem + (128 << 20))) {
         Ok(info) => eprintln!("embed: resized to {} vCPUs, {} bytes", info.cpus, info.mem),
         Err(e) => eprintln!("embed: resize refused: {e}"),

@@ -141,6 +141,12 @@ impl VmBuilder {
         self
     }
 
+    /// Report vCPUs coming online as [`Event::CpuOnline`] (default off; see `--cpu-online-events`).
+    pub fn cpu_online_events(mut self, on: bool) -> Self {
+        self.config.cpu_online_events = on;
+        self
+    }
+
     /// Install seccomp filters on minivmm's threads (default on).
     pub fn seccomp(mut self, on: bool) -> Self {
         self.config.seccomp = on;

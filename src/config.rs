@@ -64,6 +64,8 @@ Options:
                              guest panic exits with status 4 (default: on)
   --timeout DURATION         stop the guest after DURATION (e.g. 500ms, 30s,
                              5m, 1h; a bare number is seconds), exit status 124
+  --cpu-online-events on|off report vCPUs coming online (a KVM MSR filter on
+                             IA32_LSTAR writes; default: off)
   -h, --help                 print this help and exit
   -V, --version              print the version and exit
 
@@ -95,6 +97,8 @@ pub struct VmConfig {
     pub pvpanic: bool,
     /// Wall-clock limit on the run (`--timeout`).
     pub timeout: Option<Duration>,
+    /// Report vCPUs coming online (`--cpu-online-events`, default off).
+    pub cpu_online_events: bool,
     /// Directory to write the generated ACPI tables to.
     pub dump_acpi: Option<PathBuf>,
     /// Control pipe endpoint, if any.
@@ -119,6 +123,7 @@ impl VmConfig {
             exit_device: None,
             pvpanic: true,
             timeout: None,
+            cpu_online_events: false,
             dump_acpi: None,
             control: None,
             seccomp: true,
@@ -297,12 +302,13 @@ enum Opt {
     ExitDevice,
     PvPanic,
     Timeout,
+    CpuOnlineEvents,
     Help,
     Version,
 }
 
 impl Opt {
-    const ALL: [Opt; 16] = [
+    const ALL: [Opt; 17] = [
         Opt::Kernel,
         Opt::Initramfs,
         Opt::Cmdline,
@@ -317,6 +323,7 @@ impl Opt {
         Opt::ExitDevice,
         Opt::PvPanic,
         Opt::Timeout,
+        Opt::CpuOnlineEvents,
         Opt::Help,
         Opt::Version,
     ];
@@ -338,6 +345,7 @@ impl Opt {
             Opt::ExitDevice => "--exit-device",
             Opt::PvPanic => "--pvpanic",
             Opt::Timeout => "--timeout",
+            Opt::CpuOnlineEvents => "--cpu-online-events",
             Opt::Help => "--help",
             Opt::Version => "--version",
         }
@@ -428,6 +436,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Co
             Opt::ExitDevice => config.exit_device = parse_exit_device(flag, &value)?,
             Opt::PvPanic => config.pvpanic = parse_on_off(flag, &value)?,
             Opt::Timeout => config.timeout = Some(parse_timeout(flag, &value)?),
+            Opt::CpuOnlineEvents => config.cpu_online_events = parse_on_off(flag, &value)?,
         }
     }
 
@@ -938,6 +947,7 @@ mod tests {
             }),
             pvpanic: false,
             timeout: Some(Duration::from_secs(90)),
+            cpu_online_events: true,
             dump_acpi: Some(PathBuf::from("/tmp/acpi")),
             control: Some(ControlEndpoint::Socket(PathBuf::from("/run/vm.sock"))),
             seccomp: false,
@@ -971,6 +981,8 @@ mod tests {
             "off",
             "--timeout",
             "90s",
+            "--cpu-online-events",
+            "on",
         ]);
         assert_eq!(separate, expected);
         let joined = run(&[
@@ -988,6 +1000,7 @@ mod tests {
             "--exit-device=iosize=4,iobase=244",
             "--pvpanic=off",
             "--timeout=90000ms",
+            "--cpu-online-events=on",
         ]);
         assert_eq!(joined, expected);
     }

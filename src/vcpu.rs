@@ -219,7 +219,7 @@ fn run_loop(id: u32, mut vcpu: VcpuFd, ctx: &VcpuContext, kill: &AtomicBool) -> 
                 }
                 Err(reason) => {
                     // E.g. a non-canonical address: the guest gets the #GP hardware would raise.
-                    log::debug!("vCPU {id}: {reason}; #GP to the guest");
+                    log::warn!("vCPU {id}: {reason}; #GP to the guest");
                     let run = vcpu.get_kvm_run();
                     if run.exit_reason == kvm_bindings::KVM_EXIT_X86_WRMSR {
                         // `msr` is the union member of this exit; KVM reads `error` on the next

@@ -69,6 +69,7 @@ fn a_vm_driven_through_the_api_from_another_thread() {
     let vm = VmBuilder::new(guest("drive", &code))
         .cpus(1, 2)
         .memory(64 << 20, 256 << 20)
+        .cpu_online_events(true)
         .serial_output(Box::new(console.clone()))
         .start()
         .expect("start");

@@ -158,12 +158,11 @@ fn hotplug_cpus_add_remove_reuse() {
             &[
                 "event cpu-added cpu=1",
                 "event cpu-added cpu=2",
-                "event cpu-online cpu=1",
-                "event cpu-online cpu=2",
+                "event ost device=cpu1 report=insert:success",
                 "event cpu-removing cpu=2",
                 "event cpu-removing cpu=1",
                 "event cpu-added cpu=1",
-                "event cpu-online cpu=3",
+                "event cpu-added cpu=3",
                 "event exit code=0 reason=poweroff",
             ],
         );
@@ -174,7 +173,6 @@ fn hotplug_cpus_add_remove_reuse() {
                     &format!("event cpu-removing cpu={cpu}"),
                     &format!("event cpu-ejected cpu={cpu}"),
                     &format!("event cpu-added cpu={cpu}"),
-                    &format!("event cpu-online cpu={cpu}"),
                 ],
             );
         }
@@ -443,7 +441,7 @@ fn control_errors_and_clients() {
 }
 
 /// examples/embed.rs drives the same guest through the library API: it hot-adds a vCPU and
-/// 128 MiB once the boot vCPU is online, the guest sees both, and the example ends with the
+/// 128 MiB once the guest wrote its boot marker, the guest sees both, and the example ends with the
 /// guest's power-off (exit 0), having printed the events.
 #[test]
 fn embedded_example_hot_adds_and_powers_off() {
@@ -468,9 +466,9 @@ fn embedded_example_hot_adds_and_powers_off() {
         );
         let log = vm.stderr_text();
         for line in [
-            "embed: boot vCPU online: true",
+            "embed: guest ready: true",
             "embed: resized to 2 vCPUs",
-            "embed: event cpu-online cpu=1",
+            "embed: event cpu-added cpu=1",
             "embed: event exit code=0 reason=poweroff",
             "embed: guest stopped: PowerOff, exit code 0",
         ] {

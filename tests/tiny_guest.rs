@@ -824,16 +824,16 @@ fn watch_sees_the_guest_exit_code() {
 }
 
 /// A guest write of IA32_LSTAR (how a vCPU coming online is seen) goes through minivmm and takes
-/// effect: the guest reads back what it wrote, and the vCPU is logged online. Without hotplug
-/// (max = boot) the filter is not installed and KVM handles the write alone.
+/// effect: the guest reads back what it wrote, and the vCPU is logged online. Without
+/// `--cpu-online-events` the filter is not installed and KVM handles the write alone.
 #[test]
 fn lstar_write_is_completed_and_reports_the_cpu_online() {
     let r = run_guest(
         "lstar",
         LSTAR_ROUND_TRIP,
         &[
-            "--cpus",
-            "boot=1,max=2",
+            "--cpu-online-events",
+            "on",
             "--exit-device",
             "on",
             "--log-level",
@@ -858,8 +858,8 @@ fn a_refused_lstar_write_is_a_guest_fault_not_a_vmm_one() {
         "lstar-bad",
         LSTAR_NON_CANONICAL,
         &[
-            "--cpus",
-            "boot=1,max=2",
+            "--cpu-online-events",
+            "on",
             "--exit-device",
             "on",
             "--no-reboot",

@@ -235,6 +235,8 @@ export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root PS1='guest# '
 cd /root
 read -r up _ </proc/uptime
 echo "GUEST-READY uptime=$up"
+# Boot marker for minivmm (debug port 0x80): `info` reports it as boot_ms.
+printf '\1' | dd of=/dev/port bs=1 seek=128 count=1 2>/dev/null
 exec /bin/sh
 EOF
 	chmod 755 "$dir/init" "$dir/etc/guest-shell"
