@@ -183,6 +183,13 @@ pub struct MemoryConfig {
     pub hotplug_size: u64,
 }
 
+impl MemoryConfig {
+    /// Largest RAM size: boot RAM plus the hotplug window.
+    pub fn max(&self) -> u64 {
+        self.size + self.hotplug_size
+    }
+}
+
 impl Default for MemoryConfig {
     fn default() -> Self {
         MemoryConfig {

@@ -152,12 +152,9 @@ impl ControlServer {
             self.accept(epoll);
             return;
         }
-        let conn = if token == TOKEN_FD {
-            self.fd_conn.as_mut()
-        } else {
-            self.clients.get_mut(&token)
+        let Some(conn) = self.conn_mut(token) else {
+            return;
         };
-        let Some(conn) = conn else { return };
         if events.contains(EventSet::OUT) {
             flush(conn);
         }
@@ -167,6 +164,15 @@ impl ControlServer {
             serve(conn, target);
         }
         self.settle(epoll, token);
+    }
+
+    /// The connection with id `token`.
+    fn conn_mut(&mut self, token: u64) -> Option<&mut Conn> {
+        if token == TOKEN_FD {
+            self.fd_conn.as_mut()
+        } else {
+            self.clients.get_mut(&token)
+        }
     }
 
     /// Queues an event line (without `'\n'`) for every client that sent `watch`. A watcher that
@@ -201,12 +207,10 @@ impl ControlServer {
     /// After I/O on a connection: closes it when it is done or too far behind, else watches it
     /// for the readiness it needs.
     fn settle(&mut self, epoll: &Epoll, token: u64) {
-        let conn = if token == TOKEN_FD {
-            self.fd_conn.as_mut()
-        } else {
-            self.clients.get_mut(&token)
+        let base = self.base;
+        let Some(conn) = self.conn_mut(token) else {
+            return;
         };
-        let Some(conn) = conn else { return };
         let done = (conn.eof && (conn.pending.is_empty() || conn.output.is_none()))
             || conn.pending.len() > MAX_PENDING_OUTPUT;
         if done {
@@ -227,7 +231,7 @@ impl ControlServer {
             want |= EventSet::OUT;
         }
         let fd = conn.input.as_raw_fd();
-        let data = self.base + token;
+        let data = base + token;
         if let Err(e) = epoll.ctl(ControlOperation::Modify, fd, EpollEvent::new(want, data)) {
             log::warn!("control: epoll modify: {e}");
         }

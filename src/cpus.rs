@@ -29,17 +29,13 @@ impl Vcpus {
     }
 
     /// Runs `fd` as vCPU `id` (a fd the caller created, e.g. the boot vCPU with its registers).
-    /// `id` must be below `max` (the VMM only plans such indices).
+    /// `id` must be below `max` (the VMM only plans such indices); otherwise `fd` is dropped.
     pub(crate) fn run(&mut self, id: u32, fd: VcpuFd, ctx: &VcpuContext) -> Result<(), VcpuError> {
-        let thread = VcpuThread::spawn(id, fd, ctx.clone())?;
-        match self.slots.get_mut(id as usize) {
-            Some(slot) => slot.thread = Some(thread),
-            None => {
-                // Not reachable through the planner; stop the thread rather than lose it.
-                log::error!("no vCPU slot {id}");
-                let _ = thread.stop();
-            }
-        }
+        let Some(slot) = self.slots.get_mut(id as usize) else {
+            log::error!("no vCPU slot {id}");
+            return Ok(());
+        };
+        slot.thread = Some(VcpuThread::spawn(id, fd, ctx.clone())?);
         Ok(())
     }
 

@@ -473,8 +473,9 @@ impl Ctx<'_> {
             Some(Lifecycle::Shutdown) => Ok(Some(Exit::PowerOff)),
             Some(Lifecycle::Reboot) => {
                 log::info!("reboot requested");
-                self.vmm.push_event(Event::Reboot { cause: "control" });
-                self.vmm.reboot().map_err(EventLoopError::Reboot)?;
+                self.vmm
+                    .announced_reboot("control")
+                    .map_err(EventLoopError::Reboot)?;
                 self.input.on_room(self.epoll, self.vmm);
                 Ok(None)
             }

@@ -13,6 +13,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use crate::arch::x86_64::msr;
 use crate::arch::x86_64::reset_vector::in_reset_vector_stub;
 use crate::devices::{Bus, DeviceEvent, ResetCause};
 use crate::seccomp::{self, BpfProgram};
@@ -323,13 +324,7 @@ fn write_msr(vcpu: &VcpuFd, index: u32, data: u64) -> Result<(), String> {
         data,
         ..Default::default()
     };
-    let msrs =
-        kvm_bindings::Msrs::from_entries(&[entry]).map_err(|e| format!("MSR {index:#x}: {e:?}"))?;
-    match vcpu.set_msrs(&msrs) {
-        Ok(1) => Ok(()),
-        Ok(_) => Err(format!("KVM_SET_MSRS refused MSR {index:#x} = {data:#x}")),
-        Err(e) => Err(format!("KVM_SET_MSRS of MSR {index:#x} failed: {e}")),
-    }
+    msr::set_msrs(vcpu, &[entry]).map_err(|e| format!("writing MSR {index:#x} = {data:#x}: {e}"))
 }
 
 fn fatal(cpu: u32, reason: impl Into<String>) -> VcpuEvent {

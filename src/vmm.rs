@@ -170,8 +170,7 @@ fn hotplug_slots(window: &Range<u64>) -> usize {
 
 /// ACPI configuration for a boot.
 pub fn acpi_config(config: &VmConfig, cpus: u32, mem: u64) -> AcpiConfig {
-    let max_mem = config.memory.size + config.memory.hotplug_size;
-    let window = memory::hotplug_window(mem, max_mem - mem);
+    let window = memory::hotplug_window(mem, config.memory.max() - mem);
     AcpiConfig {
         boot_cpus: cpus,
         max_cpus: config.cpus.max,
@@ -239,7 +238,7 @@ impl Vmm {
 
     /// Largest RAM size: boot size plus the hotplug window, fixed at start.
     pub fn max_mem(&self) -> u64 {
-        self.config.memory.size + self.config.memory.hotplug_size
+        self.config.memory.max()
     }
 
     /// Builds the machine for the next boot and starts its vCPUs.
@@ -509,9 +508,12 @@ impl Vmm {
     /// Handles a guest reset without `--no-reboot`: logs it, announces it and rebuilds the VM.
     pub fn guest_reset(&mut self, cause: ResetCause) -> Result<(), VmmError> {
         log::log!(cause.log_level(), "guest reset through {cause}: rebooting");
-        self.events.push(Event::Reboot {
-            cause: cause.token(),
-        });
+        self.announced_reboot(cause.token())
+    }
+
+    /// Announces a reboot (`event reboot cause=...`) and rebuilds the VM.
+    pub fn announced_reboot(&mut self, cause: &'static str) -> Result<(), VmmError> {
+        self.events.push(Event::Reboot { cause });
         self.reboot()
     }
 

@@ -81,8 +81,12 @@ pub fn boot_msr_entries() -> Vec<kvm_msr_entry> {
 
 /// Writes [`boot_msr_entries`] with `KVM_SET_MSRS`; an error if KVM set fewer than all of them.
 pub fn setup_msrs(vcpu: &VcpuFd) -> Result<(), MsrError> {
-    let entries = boot_msr_entries();
-    let msrs = Msrs::from_entries(&entries).map_err(MsrError::Build)?;
+    set_msrs(vcpu, &boot_msr_entries())
+}
+
+/// Writes `entries` with `KVM_SET_MSRS`; an error if KVM set fewer than all of them.
+pub fn set_msrs(vcpu: &VcpuFd, entries: &[kvm_msr_entry]) -> Result<(), MsrError> {
+    let msrs = Msrs::from_entries(entries).map_err(MsrError::Build)?;
     let set = vcpu.set_msrs(&msrs).map_err(MsrError::SetMsrs)?;
     if set != entries.len() {
         return Err(MsrError::Partial {
