@@ -30,6 +30,24 @@ use crate::devices::cpu_hotplug::{
 use crate::devices::ged::{
     GED_CPU as GED_CPU_BIT, GED_MEMORY as GED_MEMORY_BIT, GED_POWER_BUTTON as GED_POWER_BUTTON_BIT,
 };
+// Register fields: the devices' own lists, so offsets are written once.
+use crate::devices::regs::Field;
+use crate::devices::{cpu_hotplug, ged, mem_hotplug};
+
+/// `Field` entries for `fields` (ascending and disjoint, which the devices' tests check),
+/// with `Reserved` entries for the gaps between them.
+fn field_entries(fields: &[Field]) -> Vec<FieldEntry> {
+    let mut at = 0;
+    let mut entries = Vec::with_capacity(fields.len() * 2);
+    for f in fields {
+        if f.start_bit() > at {
+            entries.push(FieldEntry::Reserved((f.start_bit() - at) as usize));
+        }
+        entries.push(FieldEntry::Named(f.name, usize::from(f.bits)));
+        at = f.end_bit();
+    }
+    entries
+}
 
 /// ACPI notify values.
 const NOTIFY_DEVICE_CHECK: u8 = 1;
@@ -372,7 +390,7 @@ fn ged() -> Vec<u8> {
                 FieldAccessType::Byte,
                 FieldLockRule::NoLock,
                 FieldUpdateRule::WriteAsZeroes,
-                vec![FieldEntry::Named(*b"GDAT", 8)],
+                field_entries(&ged::FIELDS),
             ),
             &escn,
         ],
@@ -402,15 +420,7 @@ fn cpu_controller() -> Vec<u8> {
                 FieldAccessType::Byte,
                 FieldLockRule::NoLock,
                 FieldUpdateRule::WriteAsZeroes,
-                vec![
-                    FieldEntry::Reserved(32),
-                    FieldEntry::Named(*b"CPEN", 1),
-                    FieldEntry::Named(*b"CINS", 1),
-                    FieldEntry::Named(*b"CRMV", 1),
-                    FieldEntry::Named(*b"CEJ0", 1),
-                    FieldEntry::Reserved(4),
-                    FieldEntry::Named(*b"CCMD", 8),
-                ],
+                field_entries(&cpu_hotplug::BYTE_FIELDS),
             ),
             // Selector at +0 and command data at +8.
             &aml::Field::new(
@@ -418,11 +428,7 @@ fn cpu_controller() -> Vec<u8> {
                 FieldAccessType::DWord,
                 FieldLockRule::NoLock,
                 FieldUpdateRule::Preserve,
-                vec![
-                    FieldEntry::Named(*b"CSEL", 32),
-                    FieldEntry::Reserved(32),
-                    FieldEntry::Named(*b"CDAT", 32),
-                ],
+                field_entries(&cpu_hotplug::DWORD_FIELDS),
             ),
         ],
     ))
@@ -623,13 +629,7 @@ fn memory_controller(slots: usize) -> Vec<u8> {
                 FieldAccessType::DWord,
                 FieldLockRule::NoLock,
                 FieldUpdateRule::Preserve,
-                vec![
-                    FieldEntry::Named(*b"MHBL", 32),
-                    FieldEntry::Named(*b"MHBH", 32),
-                    FieldEntry::Named(*b"MHLL", 32),
-                    FieldEntry::Named(*b"MHLH", 32),
-                    FieldEntry::Named(*b"MHPX", 32),
-                ],
+                field_entries(&mem_hotplug::READ_FIELDS),
             ),
             // Status/ack byte at +0x14.
             &aml::Field::new(
@@ -637,13 +637,7 @@ fn memory_controller(slots: usize) -> Vec<u8> {
                 FieldAccessType::Byte,
                 FieldLockRule::NoLock,
                 FieldUpdateRule::WriteAsZeroes,
-                vec![
-                    FieldEntry::Reserved(160),
-                    FieldEntry::Named(*b"MEN_", 1),
-                    FieldEntry::Named(*b"MINS", 1),
-                    FieldEntry::Named(*b"MRMV", 1),
-                    FieldEntry::Named(*b"MEJ0", 1),
-                ],
+                field_entries(&mem_hotplug::FLAG_FIELDS),
             ),
             // Write side: selector and _OST event/status.
             &aml::Field::new(
@@ -651,11 +645,7 @@ fn memory_controller(slots: usize) -> Vec<u8> {
                 FieldAccessType::DWord,
                 FieldLockRule::NoLock,
                 FieldUpdateRule::Preserve,
-                vec![
-                    FieldEntry::Named(*b"MSEL", 32),
-                    FieldEntry::Named(*b"MOEV", 32),
-                    FieldEntry::Named(*b"MOSC", 32),
-                ],
+                field_entries(&mem_hotplug::WRITE_FIELDS),
             ),
             &mtfy,
             &mscn,

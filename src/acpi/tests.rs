@@ -3,8 +3,7 @@
 
 use std::fs::File;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use super::dsdt::{cpu_device_name, memory_device_name};
 use super::fadt::offsets as fadt_off;
@@ -225,35 +224,18 @@ fn write_fails_when_the_acpi_area_is_not_guest_memory() {
     );
 }
 
-/// A scratch directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let path = std::env::temp_dir().join(format!(
-            "minivmm-acpi-{tag}-{}-{}-{nanos}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&path).unwrap();
-        TempDir(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A scratch directory (vmm-sys-util's, removed on drop).
+fn temp_dir(tag: &str) -> vmm_sys_util::tempdir::TempDir {
+    vmm_sys_util::tempdir::TempDir::new_with_prefix(
+        std::env::temp_dir().join(format!("minivmm-acpi-{tag}-")),
+    )
+    .unwrap()
 }
 
 #[test]
 fn dump_writes_one_file_per_table() {
-    let tmp = TempDir::new("dump");
-    let dir = tmp.0.join("nested").join("tables");
+    let tmp = temp_dir("dump");
+    let dir = tmp.as_path().join("nested").join("tables");
     let tables = build(&SMALL).unwrap();
     dump(&dir, &tables).unwrap();
     let mut names: Vec<String> = std::fs::read_dir(&dir)
@@ -273,8 +255,8 @@ fn dump_writes_one_file_per_table() {
 
 #[test]
 fn dump_reports_an_unusable_directory() {
-    let tmp = TempDir::new("dump-err");
-    let file = tmp.0.join("plain-file");
+    let tmp = temp_dir("dump-err");
+    let file = tmp.as_path().join("plain-file");
     std::fs::write(&file, b"x").unwrap();
     let err = dump(&file.join("sub"), &build(&SMALL).unwrap()).unwrap_err();
     assert!(matches!(err, AcpiError::CreateDumpDir { .. }), "{err}");
@@ -373,19 +355,19 @@ fn check_rsdp_with_iasl(dir: &Path, rsdp: &[u8]) {
 #[test]
 fn iasl_accepts_every_table() {
     for cfg in CONFIGS {
-        let tmp = TempDir::new("iasl");
+        let tmp = temp_dir("iasl");
         let tables = build(&cfg).unwrap();
-        dump(&tmp.0, &tables).unwrap();
+        dump(tmp.as_path(), &tables).unwrap();
 
-        check_rsdp_with_iasl(&tmp.0, &tables.rsdp.bytes);
+        check_rsdp_with_iasl(tmp.as_path(), &tables.rsdp.bytes);
 
         // Data tables: disassemble, recompile, and compare with the original. iasl writes its
         // own compiler ID/revision (bytes 28..36) and so its own checksum (byte 9).
         for sig in ["XSDT", "FACP", "APIC"] {
-            disassemble(&tmp.0, sig);
-            compile(&tmp.0, &format!("{sig}.dsl"));
+            disassemble(tmp.as_path(), sig);
+            compile(tmp.as_path(), &format!("{sig}.dsl"));
             let ours = &table(&tables, sig).bytes;
-            let theirs = std::fs::read(tmp.0.join(format!("{sig}.aml"))).unwrap();
+            let theirs = std::fs::read(tmp.as_path().join(format!("{sig}.aml"))).unwrap();
             assert_eq!(theirs.len(), ours.len(), "{sig} length");
             for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
                 if i != 9 && !(28..36).contains(&i) {
@@ -396,9 +378,9 @@ fn iasl_accepts_every_table() {
 
         // DSDT: disassemble, then the ASL must compile with no error or warning (this also
         // resolves every name ESCN, CSCN, MSCN and the device methods refer to).
-        let dsl = disassemble(&tmp.0, "DSDT");
+        let dsl = disassemble(tmp.as_path(), "DSDT");
         assert!(dsl.contains("DefinitionBlock (\"\", \"DSDT\", 2,"), "{dsl}");
-        compile(&tmp.0, "DSDT.dsl");
+        compile(tmp.as_path(), "DSDT.dsl");
     }
 }
 
@@ -453,8 +435,8 @@ fn acpiexec(dir: &Path, fill: u8, commands: &[String]) -> String {
 #[test]
 fn acpiexec_evaluates_hotplug_methods() {
     for cfg in CONFIGS {
-        let tmp = TempDir::new("acpiexec");
-        dump(&tmp.0, &build(&cfg).unwrap()).unwrap();
+        let tmp = temp_dir("acpiexec");
+        dump(tmp.as_path(), &build(&cfg).unwrap()).unwrap();
         let slots = cfg.memory_slots > 0;
 
         // Registers read as zero: nothing is pending, so no notification at all.
@@ -467,7 +449,7 @@ fn acpiexec_evaluates_hotplug_methods() {
         if slots {
             commands.push("\\_SB_.MHPC.M000._CRS".to_string());
         }
-        let out = acpiexec(&tmp.0, 0, &commands);
+        let out = acpiexec(tmp.as_path(), 0, &commands);
         assert!(!out.contains("Notify"), "{out}");
         assert!(out.contains("[Integer] = 0000000000000000"), "{out}");
         if slots {
@@ -489,7 +471,7 @@ fn acpiexec_evaluates_hotplug_methods() {
         if slots {
             commands.push("\\_SB_.MHPC.MOST 0 1 0".to_string());
         }
-        let out = acpiexec(&tmp.0, 0xff, &commands);
+        let out = acpiexec(tmp.as_path(), 0xff, &commands);
         let sta = out.matches("[Integer] = 000000000000000F").count();
         assert_eq!(sta, if slots { 2 } else { 1 }, "_STA results:\n{out}");
         for cpu in 0..cfg.max_cpus {

@@ -15,7 +15,7 @@
 //! eject is still accepted after the guest's scan has acknowledged the remove event (the ack
 //! clears CRMV before Linux evaluates `_EJ0`).
 
-use super::regs::{merge_write, read_image};
+use super::regs::{merge_write, read_image, Field};
 use super::{BusDevice, DeviceEvent};
 
 /// Offset of the CPU selector (CSEL).
@@ -37,6 +37,20 @@ const FLAG_CINS: u8 = 1 << 1;
 const FLAG_CRMV: u8 = 1 << 2;
 /// Flags write bit: eject the selected CPU.
 const FLAG_CEJ0: u8 = 1 << 3;
+
+/// The byte-wide fields of the block as the DSDT declares them (flags, then the command).
+pub(crate) const BYTE_FIELDS: [Field; 5] = [
+    Field::flag(*b"CPEN", FLAGS, FLAG_CPEN),
+    Field::flag(*b"CINS", FLAGS, FLAG_CINS),
+    Field::flag(*b"CRMV", FLAGS, FLAG_CRMV),
+    Field::flag(*b"CEJ0", FLAGS, FLAG_CEJ0),
+    Field::reg(*b"CCMD", CCMD, 8),
+];
+/// The dword-wide fields of the block as the DSDT declares them.
+pub(crate) const DWORD_FIELDS: [Field; 2] = [
+    Field::reg(*b"CSEL", CSEL, 32),
+    Field::reg(*b"CDAT", CDAT, 32),
+];
 
 /// CCMD: select the next CPU with a pending insert/remove event.
 const CMD_NEXT_EVENT: u8 = 0;
@@ -319,6 +333,44 @@ mod tests {
 
     fn command(dev: &mut CpuHotplug, cmd: u8) {
         assert_eq!(dev.write(CCMD, &[cmd]), DeviceEvent::None);
+    }
+
+    #[test]
+    fn the_aml_fields_reach_the_registers() {
+        use crate::devices::regs::{aml_read, aml_write, assert_fields_fit};
+        assert_fields_fit(&BYTE_FIELDS, REGS_SIZE);
+        assert_fields_fit(&DWORD_FIELDS, REGS_SIZE);
+        let (b, d) = (&BYTE_FIELDS[..], &DWORD_FIELDS[..]);
+        let mut dev = CpuHotplug::new(4, 2);
+        dev.insert(2);
+        aml_write(&mut dev, d, b"CSEL", 1);
+        assert_eq!(aml_read(&mut dev, b, b"CPEN"), 1);
+        assert_eq!(aml_read(&mut dev, b, b"CINS"), 0);
+        // CCMD 0 + CDAT: the next CPU with an event, as the scan method finds it.
+        aml_write(&mut dev, b, b"CCMD", u64::from(CMD_NEXT_EVENT));
+        assert_eq!(aml_read(&mut dev, d, b"CDAT"), 2);
+        aml_write(&mut dev, d, b"CSEL", 2);
+        assert_eq!(aml_read(&mut dev, b, b"CINS"), 1);
+        aml_write(&mut dev, b, b"CINS", 1);
+        assert_eq!(aml_read(&mut dev, b, b"CINS"), 0);
+        aml_write(&mut dev, b, b"CCMD", u64::from(CMD_GET_APIC_ID));
+        assert_eq!(aml_read(&mut dev, d, b"CDAT"), 2);
+        dev.request_removal(2);
+        assert_eq!(aml_read(&mut dev, b, b"CRMV"), 1);
+        assert_eq!(aml_write(&mut dev, b, b"CEJ0", 1), DeviceEvent::CpuEject(2));
+        assert_eq!(aml_read(&mut dev, b, b"CPEN"), 0);
+        // _OST: event then status through CCMD + CDAT.
+        aml_write(&mut dev, b, b"CCMD", u64::from(CMD_OST_EVENT));
+        aml_write(&mut dev, d, b"CDAT", 3);
+        aml_write(&mut dev, b, b"CCMD", u64::from(CMD_OST_STATUS));
+        assert_eq!(
+            aml_write(&mut dev, d, b"CDAT", 0),
+            DeviceEvent::CpuOst {
+                cpu: 2,
+                event: 3,
+                status: 0
+            }
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use super::regs::Field;
 use super::{BusDevice, DeviceEvent, Trigger};
 
 /// Event bit: CPU devices changed (AML calls `\_SB_.CPUS.CSCN`).
@@ -14,6 +15,9 @@ pub const GED_CPU: u8 = 1;
 pub const GED_MEMORY: u8 = 2;
 /// Event bit: power button pressed (AML notifies `\_SB_.PWRB` with 0x80).
 pub const GED_POWER_BUTTON: u8 = 8;
+
+/// The register block as the DSDT declares it: the event byte `GDAT` at offset 0.
+pub(crate) const FIELDS: [Field; 1] = [Field::reg(*b"GDAT", 0, 8)];
 
 /// The GED register block (1 byte at offset 0).
 pub struct Ged {

@@ -13,7 +13,7 @@
 //! register they overlap). While the selector is out of range, reads return 0 and writes other
 //! than MSEL are ignored. Guest ejects are logged and ignored: RAM only shrinks at reboot.
 
-use super::regs::{merge_write, read_image};
+use super::regs::{merge_write, read_image, Field};
 use super::{BusDevice, DeviceEvent};
 
 /// Offset of MSEL (write) / base low (read).
@@ -22,6 +22,10 @@ const MSEL: u64 = 0x0;
 const MOEV: u64 = 0x4;
 /// Offset of MOSC (write) / length low (read).
 const MOSC: u64 = 0x8;
+/// Offset of the selected slot's base (read, 64 bits as two dwords).
+const BASE: u64 = 0x0;
+/// Offset of the selected slot's length (read, 64 bits as two dwords).
+const LENGTH: u64 = 0x8;
 /// Offset of the proximity domain (read).
 const PROXIMITY: u64 = 0x10;
 /// Offset of the flags byte.
@@ -37,6 +41,28 @@ const FLAG_INSERTING: u8 = 1 << 1;
 const FLAG_REMOVING: u8 = 1 << 2;
 /// Flags write bit: eject the slot's memory.
 const FLAG_EJECT: u8 = 1 << 3;
+
+/// The dword-wide read fields as the DSDT declares them (base, length, proximity).
+pub(crate) const READ_FIELDS: [Field; 5] = [
+    Field::reg(*b"MHBL", BASE, 32),
+    Field::reg(*b"MHBH", BASE + 4, 32),
+    Field::reg(*b"MHLL", LENGTH, 32),
+    Field::reg(*b"MHLH", LENGTH + 4, 32),
+    Field::reg(*b"MHPX", PROXIMITY, 32),
+];
+/// The byte-wide flag fields as the DSDT declares them.
+pub(crate) const FLAG_FIELDS: [Field; 4] = [
+    Field::flag(*b"MEN_", FLAGS, FLAG_ENABLED),
+    Field::flag(*b"MINS", FLAGS, FLAG_INSERTING),
+    Field::flag(*b"MRMV", FLAGS, FLAG_REMOVING),
+    Field::flag(*b"MEJ0", FLAGS, FLAG_EJECT),
+];
+/// The dword-wide write fields as the DSDT declares them (selector, `_OST`).
+pub(crate) const WRITE_FIELDS: [Field; 3] = [
+    Field::reg(*b"MSEL", MSEL, 32),
+    Field::reg(*b"MOEV", MOEV, 32),
+    Field::reg(*b"MOSC", MOSC, 32),
+];
 
 /// Errors from filling a memory hotplug slot.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -145,8 +171,8 @@ impl MemHotplug {
         let Some(slot) = self.selected() else {
             return image;
         };
-        image[MSEL as usize..MOSC as usize].copy_from_slice(&slot.base.to_le_bytes());
-        image[MOSC as usize..PROXIMITY as usize].copy_from_slice(&slot.size.to_le_bytes());
+        image[BASE as usize..LENGTH as usize].copy_from_slice(&slot.base.to_le_bytes());
+        image[LENGTH as usize..PROXIMITY as usize].copy_from_slice(&slot.size.to_le_bytes());
         // Proximity domain 0: already zero.
         let mut flags = 0;
         if slot.enabled {
@@ -236,6 +262,40 @@ mod tests {
 
     fn select(dev: &mut MemHotplug, slot: u32) {
         assert_eq!(dev.write(MSEL, &slot.to_le_bytes()), DeviceEvent::None);
+    }
+
+    #[test]
+    fn the_aml_fields_reach_the_registers() {
+        use crate::devices::regs::{aml_read, aml_write, assert_fields_fit};
+        for fields in [&READ_FIELDS[..], &FLAG_FIELDS, &WRITE_FIELDS] {
+            assert_fields_fit(fields, REGS_SIZE);
+        }
+        let (r, f, w) = (&READ_FIELDS[..], &FLAG_FIELDS[..], &WRITE_FIELDS[..]);
+        let mut dev = MemHotplug::new(3);
+        let base = 0x1_2000_0000u64;
+        dev.insert(1, base, 3 << 27).unwrap();
+        aml_write(&mut dev, w, b"MSEL", 1);
+        assert_eq!(aml_read(&mut dev, r, b"MHBL"), base & 0xffff_ffff);
+        assert_eq!(aml_read(&mut dev, r, b"MHBH"), base >> 32);
+        assert_eq!(aml_read(&mut dev, r, b"MHLL"), 3 << 27);
+        assert_eq!(aml_read(&mut dev, r, b"MHLH"), 0);
+        assert_eq!(aml_read(&mut dev, r, b"MHPX"), 0);
+        assert_eq!(aml_read(&mut dev, f, b"MEN_"), 1);
+        assert_eq!(aml_read(&mut dev, f, b"MINS"), 1);
+        aml_write(&mut dev, f, b"MINS", 1);
+        assert_eq!(aml_read(&mut dev, f, b"MINS"), 0);
+        assert_eq!(aml_read(&mut dev, f, b"MRMV"), 0);
+        aml_write(&mut dev, w, b"MOEV", 1);
+        assert_eq!(
+            aml_write(&mut dev, w, b"MOSC", 0),
+            DeviceEvent::MemOst {
+                slot: 1,
+                event: 1,
+                status: 0
+            }
+        );
+        aml_write(&mut dev, w, b"MSEL", 0);
+        assert_eq!(aml_read(&mut dev, f, b"MEN_"), 0);
     }
 
     #[test]

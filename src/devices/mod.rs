@@ -15,7 +15,7 @@ pub mod ged;
 pub mod i8042;
 pub mod mem_hotplug;
 pub mod pvpanic;
-mod regs;
+pub(crate) mod regs;
 pub mod reset_control;
 pub mod rtc;
 pub mod serial;

@@ -5,6 +5,10 @@
 //! hotplug controllers treat an access as covering a byte range: reads copy the covered bytes of
 //! a little-endian register image, and writes merge the covered bytes into each register they
 //! overlap.
+//!
+//! Each controller also lists its registers as [`Field`]s: the ACPI tables build their
+//! `Field` declarations from these lists, so the AML and the device model share one set of
+//! offsets (and tests beside each device drive it through its own list).
 
 /// Fills `data` with the bytes of `image` starting at `offset`; bytes past the image read as 0.
 pub(crate) fn read_image(image: &[u8], offset: u64, data: &mut [u8]) {
@@ -41,6 +45,107 @@ pub(crate) fn merge_write(
     touched.then_some(value)
 }
 
+/// One named register field as the guest's AML reaches it: `bits` bits starting at bit `bit`
+/// of the byte at `offset` of the register block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Field {
+    /// The four-character AML name.
+    pub(crate) name: [u8; 4],
+    /// Byte offset in the register block.
+    pub(crate) offset: u64,
+    /// First bit within that byte.
+    pub(crate) bit: u8,
+    /// Width in bits.
+    pub(crate) bits: u8,
+}
+
+impl Field {
+    /// A whole register of `bits` bits at `offset`.
+    pub(crate) const fn reg(name: [u8; 4], offset: u64, bits: u8) -> Field {
+        Field {
+            name,
+            offset,
+            bit: 0,
+            bits,
+        }
+    }
+
+    /// The one-bit flag `mask` of the byte at `offset`.
+    pub(crate) const fn flag(name: [u8; 4], offset: u64, mask: u8) -> Field {
+        Field {
+            name,
+            offset,
+            bit: mask.trailing_zeros() as u8,
+            bits: 1,
+        }
+    }
+
+    /// Position of the first bit from the start of the block.
+    pub(crate) const fn start_bit(&self) -> u64 {
+        self.offset * 8 + self.bit as u64
+    }
+
+    /// Position just past the last bit.
+    pub(crate) const fn end_bit(&self) -> u64 {
+        self.start_bit() + self.bits as u64
+    }
+}
+
+/// Checks that `fields` are in ascending order, do not overlap and lie within `size` bytes.
+#[cfg(test)]
+pub(crate) fn assert_fields_fit(fields: &[Field], size: usize) {
+    let mut end = 0;
+    for f in fields {
+        assert!(
+            f.start_bit() >= end,
+            "field {:?} overlaps its predecessor",
+            f.name
+        );
+        end = f.end_bit();
+    }
+    assert!(
+        end <= size as u64 * 8,
+        "fields end past the {size}-byte block"
+    );
+}
+
+/// Reads field `name` of `fields` from `dev` as AML would: the bytes it covers, then its bits.
+#[cfg(test)]
+pub(crate) fn aml_read(dev: &mut dyn super::BusDevice, fields: &[Field], name: &[u8; 4]) -> u64 {
+    let f = find_field(fields, name);
+    let len = (f.end_bit() - f.offset * 8).div_ceil(8) as usize;
+    let mut data = vec![0u8; len];
+    dev.read(f.offset, &mut data);
+    let mut value = 0u64;
+    for (i, b) in data.iter().enumerate() {
+        value |= u64::from(*b) << (8 * i);
+    }
+    (value >> f.bit) & ((1u64 << f.bits) - 1)
+}
+
+/// Writes `value` to field `name` of `fields` as AML would with `WriteAsZeroes`: the bytes the
+/// field covers, other bits zero.
+#[cfg(test)]
+pub(crate) fn aml_write(
+    dev: &mut dyn super::BusDevice,
+    fields: &[Field],
+    name: &[u8; 4],
+    value: u64,
+) -> super::DeviceEvent {
+    let f = find_field(fields, name);
+    let len = (f.end_bit() - f.offset * 8).div_ceil(8) as usize;
+    let bytes = (value << f.bit).to_le_bytes();
+    dev.write(f.offset, &bytes[..len])
+}
+
+#[cfg(test)]
+fn find_field(fields: &[Field], name: &[u8; 4]) -> Field {
+    *fields
+        .iter()
+        .find(|f| &f.name == name)
+        .unwrap_or_else(|| panic!("no field {}", String::from_utf8_lossy(name)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -68,5 +173,14 @@ mod tests {
         // A write starting before the register covers its low bytes.
         assert_eq!(merge_write(0, 4, 1, 3, &[0x11, 0x22]), Some(0x22));
         assert_eq!(merge_write(7, 8, 4, 0, &[1, 2, 3, 4]), None);
+    }
+
+    #[test]
+    fn fields_know_their_bit_positions() {
+        let f = Field::flag(*b"TEST", 4, 1 << 3);
+        assert_eq!((f.bit, f.bits, f.start_bit(), f.end_bit()), (3, 1, 35, 36));
+        let r = Field::reg(*b"REGS", 8, 32);
+        assert_eq!((r.start_bit(), r.end_bit()), (64, 96));
+        assert_fields_fit(&[f, r], 12);
     }
 }
