@@ -364,15 +364,16 @@ fn resize_reply(info: &VmInfo) -> String {
     ])
 }
 
+/// vCPU indices as replies write them: `1,2,3`.
+pub(crate) fn format_ids(ids: &[u32]) -> String {
+    ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+}
+
 fn info_reply(info: &VmInfo) -> String {
     let removing = if info.removing.is_empty() {
         "none".to_string()
     } else {
-        info.removing
-            .iter()
-            .map(u32::to_string)
-            .collect::<Vec<_>>()
-            .join(",")
+        format_ids(&info.removing)
     };
     ok_reply(&[
         ("state", info.state.to_string()),

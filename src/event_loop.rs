@@ -14,8 +14,9 @@ use crate::control::{ControlTarget, VmInfo};
 use crate::control_socket::ControlServer;
 use crate::events::Event;
 use crate::exit::Exit;
+use crate::machine::MachineError;
 use crate::vcpu::VcpuEvent;
-use crate::vmm::{Lifecycle, Vmm, VmmError};
+use crate::vmm::{Lifecycle, Vmm};
 
 /// What an epoll event is about (its `u64` data).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,7 +75,7 @@ pub enum EventLoopError {
     Io(&'static str, #[source] std::io::Error),
     /// Rebuilding the VM on reboot failed.
     #[error("reboot failed: {0}")]
-    Reboot(#[source] VmmError),
+    Reboot(#[source] MachineError),
     /// The `--timeout` timer could not be set up.
     #[error("--timeout: cannot arm a timerfd: {0}")]
     Timer(#[source] std::io::Error),

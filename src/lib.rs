@@ -13,12 +13,16 @@ pub(crate) mod arch;
 pub mod config;
 pub mod control;
 pub(crate) mod control_socket;
+pub(crate) mod cpu_manager;
 pub(crate) mod cpus;
 pub(crate) mod devices;
 pub(crate) mod event_loop;
 pub mod events;
 pub mod exit;
 pub mod logger;
+pub(crate) mod machine;
+pub(crate) mod memory_manager;
+pub(crate) mod ost;
 pub(crate) mod resize;
 pub(crate) mod seccomp;
 pub mod size;
@@ -56,7 +60,7 @@ pub enum Error {
     Vm(#[from] vm::VmError),
     /// Building or booting the machine failed.
     #[error(transparent)]
-    Vmm(#[from] vmm::VmmError),
+    Machine(#[from] machine::MachineError),
     /// ACPI tables could not be built or dumped.
     #[error("--dump-acpi: {0}")]
     Acpi(#[from] acpi::AcpiError),
@@ -143,7 +147,7 @@ pub(crate) fn launch(config: VmConfig, hosting: Hosting) -> Result<Launched, Err
         None => None,
     };
     if let Some(dir) = &config.dump_acpi {
-        let tables = acpi::build(&vmm::acpi_config(
+        let tables = acpi::build(&machine::acpi_config(
             &config,
             config.cpus.boot,
             config.memory.size,
@@ -206,7 +210,7 @@ pub(crate) fn launch(config: VmConfig, hosting: Hosting) -> Result<Launched, Err
         kvm,
         kernel,
         initramfs,
-        vmm::SharedWriter::new(out),
+        machine::SharedWriter::new(out),
         vcpu_filter,
         started,
     )?;

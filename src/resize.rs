@@ -9,6 +9,7 @@ use std::ops::Range;
 
 use crate::arch::x86_64::layout::MEMORY_HOTPLUG_ALIGN;
 use crate::config::{MEMORY_SIZE_ALIGN, MIN_MEMORY_SIZE};
+use crate::control::format_ids;
 use crate::size::format_size;
 
 /// What the planner needs to know about the running machine.
@@ -24,8 +25,8 @@ pub struct ResizeState {
     pub target_cpus: u32,
     /// How long the pending removal has waited, in seconds.
     pub removal_waited_secs: u64,
-    /// RAM the guest has now (boot RAM plus hot-added).
-    pub current_mem: u64,
+    /// Boot RAM of this boot.
+    pub boot_mem: u64,
     /// Boot RAM plus the hotplug window.
     pub max_mem: u64,
     /// The hotplug window this boot (guest-physical).
@@ -51,8 +52,11 @@ pub struct Plan {
     pub pending_mem: Option<u64>,
 }
 
-fn join_ids(ids: &[u32]) -> String {
-    ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+impl ResizeState {
+    /// RAM the guest has now: boot RAM plus what was hot-added.
+    pub fn current_mem(&self) -> u64 {
+        self.boot_mem + self.hotplugged
+    }
 }
 
 /// Validates a request for `cpus` vCPUs and/or `mem` bytes against `s`. The error is the message
@@ -72,7 +76,7 @@ pub fn plan(s: &ResizeState, cpus: Option<u32>, mem: Option<u64>) -> Result<Plan
         if !s.removing.is_empty() && n != s.target_cpus {
             return Err(format!(
                 "removal of vCPU {} still pending for {}s: the guest has not ejected it yet; retry when info shows removing=none",
-                join_ids(&s.removing),
+                format_ids(&s.removing),
                 s.removal_waited_secs
             ));
         }
@@ -85,7 +89,7 @@ pub fn plan(s: &ResizeState, cpus: Option<u32>, mem: Option<u64>) -> Result<Plan
         }
     }
     if let Some(want) = mem {
-        let current = s.current_mem;
+        let current = s.current_mem();
         if want > s.max_mem {
             return Err(format!(
                 "mem={} exceeds max_mem={} (size + hotplug_size at start)",
@@ -190,7 +194,7 @@ mod tests {
             removing: vec![],
             target_cpus: 1,
             removal_waited_secs: 0,
-            current_mem: 512 * M,
+            boot_mem: 512 * M,
             max_mem: 512 * M + 2 * G,
             window: 4 * G..6 * G,
             hotplugged: 0,
@@ -250,7 +254,6 @@ mod tests {
         assert_eq!((p.add_mem, p.pending_mem), (None, Some(256 * M)));
         // The window fills from its start; slots are numbered in order.
         let grown = ResizeState {
-            current_mem: 1536 * M,
             hotplugged: G,
             used_mem_slots: 1,
             ..state()

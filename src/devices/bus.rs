@@ -127,7 +127,7 @@ impl Bus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.lookup(addr, data.len()) {
             Some((range, offset)) => {
-                let mut dev = range.dev.lock().unwrap_or_else(|e| e.into_inner());
+                let mut dev = super::lock(&range.dev);
                 dev.read(offset, data);
                 true
             }
@@ -144,7 +144,7 @@ impl Bus {
     /// straddles the end of a device).
     pub fn write(&self, addr: u64, data: &[u8]) -> Option<DeviceEvent> {
         let (range, offset) = self.lookup(addr, data.len())?;
-        let mut dev = range.dev.lock().unwrap_or_else(|e| e.into_inner());
+        let mut dev = super::lock(&range.dev);
         Some(dev.write(offset, data))
     }
 }

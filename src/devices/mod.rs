@@ -22,6 +22,12 @@ pub mod serial;
 
 pub use bus::{Bus, BusError};
 
+/// Locks a device, also after a thread panicked while holding it: device state stays usable
+/// (every device keeps its invariants between register accesses).
+pub(crate) fn lock<T: ?Sized>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Raises an interrupt line or signals an event (for KVM, an `EventFd` registered as an irqfd).
 pub trait Trigger: Send + Sync {
     /// Fires the trigger once.

@@ -1,0 +1,341 @@
+//! One boot of the guest: the KVM VM and its memory, the loaded guest image and ACPI tables,
+//! the devices on their buses, and the CPU and memory managers. [`Machine::boot`] builds it,
+//! [`Machine::stop`] ends it; the VMM builds a new one on every reboot from the same [`Host`].
+
+use std::fs::File;
+use std::io::{Seek, SeekFrom, Write};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::Kvm;
+use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::acpi::{self, AcpiConfig};
+use crate::arch::x86_64::layout::{self, ports};
+use crate::arch::x86_64::{boot, memory, regs};
+use crate::config::VmConfig;
+use crate::cpu_manager::CpuManager;
+use crate::devices::acpi_pm::AcpiPm;
+use crate::devices::debug_exit::DebugExit;
+use crate::devices::debug_port::DebugPort;
+use crate::devices::ged::Ged;
+use crate::devices::i8042::I8042;
+use crate::devices::pvpanic::PvPanic;
+use crate::devices::reset_control::ResetControl;
+use crate::devices::rtc::Rtc;
+use crate::devices::serial::SerialDevice;
+use crate::devices::{lock, Bus, BusDevice, Trigger};
+use crate::memory_manager::{hotplug_slots, MemoryManager};
+use crate::resize;
+use crate::seccomp::BpfProgram;
+use crate::vcpu::{EventSink, VcpuContext};
+use crate::vm::{Vm, VmError};
+
+/// Errors while building a machine or changing it.
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    /// A KVM VM operation failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Loading the guest failed.
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    /// ACPI table generation failed.
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
+    /// Boot vCPU register setup failed.
+    #[error("setting up the boot vCPU: {0}")]
+    Regs(#[from] regs::RegsError),
+    /// A vCPU thread could not be started or stopped.
+    #[error(transparent)]
+    Vcpu(#[from] crate::vcpu::VcpuError),
+    /// A device could not be placed on a bus.
+    #[error("device bus: {0}")]
+    Bus(#[from] crate::devices::BusError),
+    /// An eventfd could not be created.
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(#[source] std::io::Error),
+    /// Rewinding a kernel or initramfs file failed.
+    #[error("cannot read {0}: {1}")]
+    Image(String, #[source] std::io::Error),
+}
+
+/// A cloneable writer shared by successive serial devices (one per boot).
+#[derive(Clone)]
+pub struct SharedWriter(Arc<Mutex<Box<dyn Write + Send>>>);
+
+impl SharedWriter {
+    /// Wraps `w`.
+    pub fn new(w: Box<dyn Write + Send>) -> Self {
+        SharedWriter(Arc::new(Mutex::new(w)))
+    }
+}
+
+impl Write for SharedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        lock(&self.0).write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        lock(&self.0).flush()
+    }
+}
+
+/// What every boot is built from and what outlives it: the configuration, the open kernel
+/// files, the interrupt eventfds the loop and KVM share, and where vCPU events go.
+pub(crate) struct Host {
+    pub(crate) config: VmConfig,
+    pub(crate) kvm: Kvm,
+    pub(crate) kernel: File,
+    pub(crate) initramfs: Option<File>,
+    /// The kernel command line with minivmm's additions.
+    pub(crate) cmdline: String,
+    pub(crate) serial_out: SharedWriter,
+    pub(crate) serial_irq: EventFd,
+    pub(crate) ged_irq: EventFd,
+    /// Signalled when the guest drained the UART's receive FIFO.
+    pub(crate) input_room: Arc<EventFd>,
+    pub(crate) sink: EventSink,
+    /// Installed on every vCPU thread.
+    pub(crate) vcpu_filter: Option<Arc<BpfProgram>>,
+}
+
+/// Sizes of a boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BootSpec {
+    /// vCPUs present at boot.
+    pub(crate) cpus: u32,
+    /// Boot RAM.
+    pub(crate) mem: u64,
+}
+
+/// ACPI configuration for a boot of `cpus` vCPUs and `mem` bytes of RAM.
+pub(crate) fn acpi_config(config: &VmConfig, cpus: u32, mem: u64) -> AcpiConfig {
+    let window = memory::hotplug_window(mem, config.memory.max() - mem);
+    AcpiConfig {
+        boot_cpus: cpus,
+        max_cpus: config.cpus.max,
+        memory_slots: hotplug_slots(&window),
+        pvpanic: config.pvpanic,
+    }
+}
+
+/// A device as the buses hold it.
+type SharedDevice = Arc<Mutex<dyn BusDevice>>;
+
+/// One boot of the guest.
+pub(crate) struct Machine {
+    pub(crate) vm: Vm,
+    /// What the vCPU threads dispatch to.
+    pub(crate) ctx: VcpuContext,
+    pub(crate) serial: Arc<Mutex<SerialDevice>>,
+    pub(crate) ged: Arc<Mutex<Ged>>,
+    pub(crate) cpus: CpuManager,
+    pub(crate) memory: MemoryManager,
+    /// When this boot started (before the VM was created).
+    pub(crate) started: Instant,
+    /// Time from `started` to the guest's first debug-port write.
+    pub(crate) boot_marker: Option<Duration>,
+}
+
+impl Machine {
+    /// Builds the VM for `spec`, loads the guest and starts its boot vCPUs.
+    pub(crate) fn boot(host: &mut Host, spec: BootSpec) -> Result<Machine, MachineError> {
+        let started = Instant::now();
+        let max_cpus = host.config.cpus.max;
+        // Opt-in: the MSR filter costs ~13 ms at VM creation on PVM, and guests in the nested
+        // emulated test host hung or triple-faulted now and then with it.
+        let vm = Vm::new(
+            &host.kvm,
+            &memory::ram_regions(spec.mem),
+            host.config.cpu_online_events,
+        )?;
+        let kernel = load_guest(host, &vm, spec)?;
+        vm.register_irqfd(&host.serial_irq, layout::irq::COM1)?;
+        vm.register_irqfd(&host.ged_irq, layout::irq::GED)?;
+
+        let cpus = CpuManager::new(max_cpus, spec.cpus);
+        let memory = MemoryManager::new(spec.mem, host.config.memory.max());
+        let trigger = |e: &EventFd| -> Result<Arc<dyn Trigger>, MachineError> {
+            Ok(Arc::new(e.try_clone().map_err(MachineError::EventFd)?))
+        };
+        let serial = Arc::new(Mutex::new(SerialDevice::new(
+            trigger(&host.serial_irq)?,
+            trigger(&host.input_room)?,
+            Box::new(host.serial_out.clone()),
+        )));
+        let ged = Arc::new(Mutex::new(Ged::new(trigger(&host.ged_irq)?)));
+        let ctx = VcpuContext {
+            pio: Arc::new(pio_bus(&host.config, serial.clone())?),
+            mmio: Arc::new(mmio_bus(ged.clone(), &cpus, &memory)?),
+            events: host.sink.clone(),
+            seccomp: host.vcpu_filter.clone(),
+        };
+
+        // vCPUs: the BSP gets the boot registers; APs wait in KVM for the guest's INIT/SIPI.
+        let mut fds = Vec::with_capacity(spec.cpus as usize);
+        for id in 0..spec.cpus {
+            let fd = vm.create_vcpu(id, max_cpus)?;
+            if id == 0 {
+                regs::setup_boot_vcpu(&fd, vm.memory(), &kernel)?;
+            }
+            fds.push(fd);
+        }
+        let mut machine = Machine {
+            vm,
+            ctx,
+            serial,
+            ged,
+            cpus,
+            memory,
+            started,
+            boot_marker: None,
+        };
+        for (id, fd) in (0..).zip(fds) {
+            if let Err(e) = machine.cpus.run(id, fd, &machine.ctx) {
+                machine.stop();
+                return Err(e.into());
+            }
+        }
+        Ok(machine)
+    }
+
+    /// Stops every vCPU; the VM and its memory go when the machine is dropped.
+    pub(crate) fn stop(&mut self) {
+        self.cpus.stop_all();
+    }
+}
+
+/// Loads the kernel, the initramfs, the boot parameters and the ACPI tables into `vm`.
+fn load_guest(host: &mut Host, vm: &Vm, spec: BootSpec) -> Result<boot::KernelEntry, MachineError> {
+    let config = &host.config;
+    host.kernel
+        .seek(SeekFrom::Start(0))
+        .map_err(|e| MachineError::Image(config.kernel.display().to_string(), e))?;
+    let kernel = boot::load_kernel(vm.memory(), &mut host.kernel)?;
+    let initrd = match (&mut host.initramfs, &config.initramfs) {
+        (Some(file), Some(path)) => {
+            file.seek(SeekFrom::Start(0))
+                .map_err(|e| MachineError::Image(path.display().to_string(), e))?;
+            Some(boot::load_initramfs(vm.memory(), file, &kernel, spec.mem)?)
+        }
+        _ => None,
+    };
+    boot::configure_system(vm.memory(), &kernel, &host.cmdline, initrd, spec.mem)?;
+    let tables = acpi::build(&acpi_config(config, spec.cpus, spec.mem))?;
+    acpi::write(vm.memory(), &tables)?;
+    Ok(kernel)
+}
+
+/// The port I/O bus: the legacy devices at their fixed ports, pvpanic and the exit device when
+/// configured.
+fn pio_bus(config: &VmConfig, serial: Arc<Mutex<SerialDevice>>) -> Result<Bus, MachineError> {
+    fn shared(dev: impl BusDevice + 'static) -> SharedDevice {
+        Arc::new(Mutex::new(dev))
+    }
+    let mut devices: Vec<(u16, u16, SharedDevice)> = vec![
+        (ports::COM1, ports::COM1_SIZE, serial),
+        (
+            ports::RTC_INDEX,
+            ports::RTC_SIZE,
+            shared(Rtc::with_system_clock()),
+        ),
+        (ports::I8042_DATA, ports::I8042_SIZE, shared(I8042::new())),
+        (
+            ports::ACPI_SLEEP_CONTROL,
+            ports::ACPI_PM_SIZE,
+            shared(AcpiPm::new()),
+        ),
+        (
+            ports::RESET_CONTROL,
+            ports::RESET_CONTROL_SIZE,
+            shared(ResetControl::new()),
+        ),
+        (
+            ports::DEBUG_PORT,
+            ports::DEBUG_PORT_SIZE,
+            shared(DebugPort::new()),
+        ),
+    ];
+    if config.pvpanic {
+        devices.push((ports::PVPANIC, ports::PVPANIC_SIZE, shared(PvPanic::new())));
+    }
+    if let Some(exit) = config.exit_device {
+        devices.push((exit.iobase, exit.iosize, shared(DebugExit::new())));
+    }
+    let mut bus = Bus::new();
+    for (base, len, dev) in devices {
+        bus.insert(u64::from(base), u64::from(len), dev)?;
+    }
+    Ok(bus)
+}
+
+/// The MMIO bus: the GED and the two hotplug controllers.
+fn mmio_bus(
+    ged: Arc<Mutex<Ged>>,
+    cpus: &CpuManager,
+    memory: &MemoryManager,
+) -> Result<Bus, MachineError> {
+    let devices: [(u64, u64, SharedDevice); 3] = [
+        (layout::GED_START, layout::GED_SIZE, ged),
+        (
+            layout::CPU_HOTPLUG_START,
+            layout::CPU_HOTPLUG_SIZE,
+            cpus.device(),
+        ),
+        (
+            layout::MEM_HOTPLUG_START,
+            layout::MEM_HOTPLUG_SIZE,
+            memory.device(),
+        ),
+    ];
+    let mut bus = Bus::new();
+    for (base, len, dev) in devices {
+        bus.insert(base, len, dev)?;
+    }
+    Ok(bus)
+}
+
+/// The resize backend of a machine: KVM memory slots and vCPU threads.
+impl resize::Backend for Machine {
+    fn add_memory(&mut self, start: u64, size: u64) -> Result<(), String> {
+        self.vm
+            .add_memory(GuestAddress(start), size)
+            .map_err(|e| e.to_string())
+    }
+
+    fn remove_last_memory(&mut self) -> Result<(), String> {
+        self.vm.remove_last_memory().map_err(|e| e.to_string())
+    }
+
+    fn start_vcpu(&mut self, id: u32) -> Result<(), String> {
+        self.cpus.start(id, &self.vm, &self.ctx)
+    }
+
+    fn stop_vcpu(&mut self, id: u32) {
+        self.cpus.stop(id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acpi_config_follows_the_configuration() {
+        let g = 1u64 << 30;
+        let mut config = VmConfig::new("k".into());
+        config.cpus.max = 4;
+        config.memory.hotplug_size = 2 * g;
+        let acpi = acpi_config(&config, 1, 512 << 20);
+        assert_eq!(
+            (
+                acpi.boot_cpus,
+                acpi.memory_slots,
+                acpi.max_cpus,
+                acpi.pvpanic
+            ),
+            (1, 16, 4, true)
+        );
+    }
+}
