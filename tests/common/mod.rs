@@ -31,6 +31,11 @@ use std::time::{Duration, Instant};
 
 /// Hard limit on one emulated test-host (L1) run, from QEMU start to exit.
 pub const L1_TIMEOUT: Duration = Duration::from_secs(300);
+/// An emulated test host whose console stays silent this long has frozen: every inner step
+/// prints or fails within [`L2_BOOT_TIMEOUT`]. Seen now and then at an L2 reboot (nested SVM
+/// under TCG): the L1 kernel stops, sometimes after a soft-lockup report. Such a run is killed and
+/// run once more, with a warning; a second freeze fails the test.
+pub const L1_SILENCE_LIMIT: Duration = Duration::from_secs(120);
 /// Hard limit on one guest (L2) boot, from minivmm start (or reboot) to `GUEST-READY`.
 pub const L2_BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Hard limit on one guest shell command.
@@ -586,116 +591,141 @@ fn run_emulated(name: &str) {
         script_path.display(),
         repo_dir().display()
     );
-    let start = Instant::now();
-    let mut child = Command::new("qemu-system-x86_64")
-        .args([
-            "-accel",
-            "tcg,thread=multi,tb-size=512",
-            "-machine",
-            "q35",
-            "-cpu",
-            "EPYC",
-        ])
-        .args([
-            "-smp",
-            "2",
-            "-m",
-            "4G",
-            "-nographic",
-            "-no-reboot",
-            "-nodefaults",
-            "-serial",
-            "stdio",
-        ])
-        .arg("-kernel")
-        .arg(&imgs.bzimage)
-        .arg("-initrd")
-        .arg(&imgs.l1_initramfs)
-        .arg("-append")
-        .arg(&append)
-        .args([
-            "-virtfs",
-            "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start qemu-system-x86_64: {e}"));
-    let log =
-        File::create(&log_path).unwrap_or_else(|e| panic!("create {}: {e}", log_path.display()));
-    let console = Arc::new(Collected::default());
-    let qemu_err = Arc::new(Collected::default());
-    let readers = [
-        spawn_reader(
-            child.stdout.take().expect("piped stdout"),
-            console.clone(),
-            Some(log),
-            start,
-        ),
-        spawn_reader(
-            child.stderr.take().expect("piped stderr"),
-            qemu_err.clone(),
-            None,
-            start,
-        ),
-    ];
+    for attempt in 1..=2 {
+        let start = Instant::now();
+        let mut child = Command::new("qemu-system-x86_64")
+            .args([
+                "-accel",
+                "tcg,thread=multi,tb-size=512",
+                "-machine",
+                "q35",
+                "-cpu",
+                "EPYC",
+            ])
+            .args([
+                "-smp",
+                "2",
+                "-m",
+                "4G",
+                "-nographic",
+                "-no-reboot",
+                "-nodefaults",
+                "-serial",
+                "stdio",
+            ])
+            .arg("-kernel")
+            .arg(&imgs.bzimage)
+            .arg("-initrd")
+            .arg(&imgs.l1_initramfs)
+            .arg("-append")
+            .arg(&append)
+            .args([
+                "-virtfs",
+                "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start qemu-system-x86_64: {e}"));
+        let log = File::create(&log_path)
+            .unwrap_or_else(|e| panic!("create {}: {e}", log_path.display()));
+        let console = Arc::new(Collected::default());
+        let qemu_err = Arc::new(Collected::default());
+        let readers = [
+            spawn_reader(
+                child.stdout.take().expect("piped stdout"),
+                console.clone(),
+                Some(log),
+                start,
+            ),
+            spawn_reader(
+                child.stderr.take().expect("piped stderr"),
+                qemu_err.clone(),
+                None,
+                start,
+            ),
+        ];
 
-    let deadline = start + L1_TIMEOUT;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(st)) => break Some(st),
-            Ok(None) if Instant::now() >= deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
+        let deadline = start + L1_TIMEOUT;
+        let (mut seen, mut last_output) = (0, Instant::now());
+        let mut froze = false;
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(st)) => break Some(st),
+                Ok(None) if Instant::now() >= deadline || froze => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break None;
+                }
+                Ok(None) => {
+                    thread::sleep(Duration::from_millis(100));
+                    if console.len() != seen {
+                        (seen, last_output) = (console.len(), Instant::now());
+                    }
+                    froze = last_output.elapsed() >= L1_SILENCE_LIMIT;
+                }
+                Err(e) => panic!("waiting for qemu: {e}"),
             }
-            Ok(None) => thread::sleep(Duration::from_millis(100)),
-            Err(e) => panic!("waiting for qemu: {e}"),
+        };
+        for r in readers {
+            let _ = r.join();
         }
-    };
-    for r in readers {
-        let _ = r.join();
-    }
-    let elapsed = start.elapsed().as_secs_f64();
-    let text = console.text();
-    let log_text = fs::read_to_string(&log_path).unwrap_or_default();
-    let step_at = |step: &str| {
-        let line = log_text
-            .lines()
-            .find(|l| l.contains(L1_STEP_MARKER) && l.contains(step))?;
-        stamp_of(line, L1_STEP_MARKER).map(|t| format!("{t:.1}s"))
-    };
-    say(&format!(
-        "[emulated] {name}: L1 run {elapsed:.1}s; /init at {}, test started at {}, finished at {} \
-         (host time since QEMU start); log {}",
-        step_at(" init").unwrap_or_else(|| "-".into()),
-        step_at(" running ").unwrap_or_else(|| "-".into()),
-        step_at(" command finished").unwrap_or_else(|| "-".into()),
-        log_path.display()
-    ));
-    let result = parse_l1_result(&text);
-    let problem = match (status, result) {
-        (None, _) => Some(format!(
-            "the emulated test host timed out after {}s (killed)",
-            L1_TIMEOUT.as_secs()
-        )),
-        (_, None) => Some("the emulated test host exited without a result marker".to_string()),
-        (_, Some(0)) => None,
-        (_, Some(rc)) => Some(format!(
-            "the test failed inside the emulated test host (exit code {rc})"
-        )),
-    };
-    if let Some(problem) = problem {
-        panic!(
-            "{problem}\n--- inner test failure ---\n{}\n--- qemu: {}; stderr (tail) ---\n{}\n\
-             --- L1 console (tail; full log {}) ---\n{}\n",
-            inner_panics(&text),
-            status.map_or("killed".to_string(), |s| s.to_string()),
-            tail(&qemu_err.text(), 10),
-            log_path.display(),
-            tail(&text, TAIL_LINES * 2)
-        );
+        let elapsed = start.elapsed().as_secs_f64();
+        let text = console.text();
+        let log_text = fs::read_to_string(&log_path).unwrap_or_default();
+        let step_at = |step: &str| {
+            let line = log_text
+                .lines()
+                .find(|l| l.contains(L1_STEP_MARKER) && l.contains(step))?;
+            stamp_of(line, L1_STEP_MARKER).map(|t| format!("{t:.1}s"))
+        };
+        say(&format!(
+            "[emulated] {name}: L1 run {elapsed:.1}s; /init at {}, test started at {}, finished at {} \
+             (host time since QEMU start); log {}",
+            step_at(" init").unwrap_or_else(|| "-".into()),
+            step_at(" running ").unwrap_or_else(|| "-".into()),
+            step_at(" command finished").unwrap_or_else(|| "-".into()),
+            log_path.display()
+        ));
+        if froze && attempt == 1 {
+            say(&format!(
+                "[emulated] {name}: WARNING: the emulated test host froze (no console output for \
+                 {}s; tail below); running the test once more\n{}",
+                L1_SILENCE_LIMIT.as_secs(),
+                tail(&text, 15)
+            ));
+            let _ = fs::rename(&log_path, log_path.with_extension("froze.log"));
+            continue;
+        }
+        let result = parse_l1_result(&text);
+        let problem = match (status, result) {
+            (None, _) if froze => Some(format!(
+                "the emulated test host froze twice (no console output for {}s; killed)",
+                L1_SILENCE_LIMIT.as_secs()
+            )),
+            (None, _) => Some(format!(
+                "the emulated test host timed out after {}s (killed)",
+                L1_TIMEOUT.as_secs()
+            )),
+            (_, None) => Some("the emulated test host exited without a result marker".to_string()),
+            (_, Some(0)) => None,
+            (_, Some(rc)) => Some(format!(
+                "the test failed inside the emulated test host (exit code {rc})"
+            )),
+        };
+        if let Some(problem) = problem {
+            panic!(
+                "{problem}\n--- inner test failure ---\n{}\n--- qemu: {}; stderr (tail) ---\n{}\n\
+                 --- L1 console (tail; full log {}) ---\n{}\n",
+                inner_panics(&text),
+                status.map_or("killed".to_string(), |s| s.to_string()),
+                tail(&qemu_err.text(), 10),
+                log_path.display(),
+                tail(&text, TAIL_LINES * 2)
+            );
+        }
+        return;
     }
 }
 
