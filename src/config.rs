@@ -814,15 +814,25 @@ fn parse_timeout(flag: &'static str, value: &str) -> Result<Duration, ConfigErro
         Some(Some(n)) => n,
     };
     let ms = n.checked_mul(scale_ms).ok_or_else(too_long)?;
-    if ms == 0 {
+    check_timeout(flag, Duration::from_millis(ms), value)
+}
+
+/// The range check of a `--timeout` (`shown` is how the value was written).
+fn check_timeout(flag: &'static str, d: Duration, shown: &str) -> Result<Duration, ConfigError> {
+    if d.is_zero() {
         return Err(invalid(
             flag,
-            format!("{value} is zero; give a positive duration"),
+            format!("{shown} is zero; give a positive duration"),
         ));
     }
-    let d = Duration::from_millis(ms);
     if d > MAX_TIMEOUT {
-        return Err(too_long());
+        return Err(invalid(
+            flag,
+            format!(
+                "{shown} is too long (at most {}h)",
+                MAX_TIMEOUT.as_secs() / 3600
+            ),
+        ));
     }
     Ok(d)
 }
@@ -860,12 +870,7 @@ pub fn validate(config: &VmConfig) -> Result<(), ConfigError> {
         parse_exit_device(Opt::ExitDevice.name(), &text)?;
     }
     if let Some(limit) = config.timeout {
-        if limit.is_zero() || limit > MAX_TIMEOUT {
-            return Err(invalid(
-                Opt::Timeout.name(),
-                format!("{limit:?} is out of range (more than 0, at most {MAX_TIMEOUT:?})"),
-            ));
-        }
+        check_timeout(Opt::Timeout.name(), limit, &format!("{limit:?}"))?;
     }
     check_stdio_conflict(config)?;
     check_cmdline_length(config)
