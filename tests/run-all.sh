@@ -32,7 +32,7 @@ step fmt cargo fmt --check
 step clippy cargo clippy --all-targets -- -D warnings
 step doc env RUSTDOCFLAGS="-D warnings" cargo doc --no-deps
 step images tests/guest/build-images.sh
-step test cargo test "$@"
+step test cargo test --no-fail-fast "$@"
 
 echo
 echo "=== run-all summary (total $((SECONDS - T0))s; logs in target/test-logs/)"

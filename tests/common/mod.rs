@@ -33,8 +33,8 @@ use std::time::{Duration, Instant};
 pub const L1_TIMEOUT: Duration = Duration::from_secs(300);
 /// An emulated test host whose console stays silent this long has frozen: every inner step
 /// prints or fails within [`L2_BOOT_TIMEOUT`]. Seen now and then at an L2 reboot (nested SVM
-/// under TCG): the L1 kernel stops, sometimes after a soft-lockup report. Such a run is killed and
-/// run once more, with a warning; a second freeze fails the test.
+/// under TCG): the L1 kernel stops, sometimes after a soft-lockup report. Such a run is killed;
+/// like any failed run in the emulated host, it is run once more (see [`run_in_test_host`]).
 pub const L1_SILENCE_LIMIT: Duration = Duration::from_secs(120);
 /// Hard limit on one guest (L2) boot, from minivmm start (or reboot) to `GUEST-READY`.
 pub const L2_BOOT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -306,6 +306,11 @@ pub fn which(name: &str) -> Option<PathBuf> {
 
 /// Runs `body` where real Linux guests can boot. `name` must be the test function's name (it is how the
 /// emulated host finds the test again).
+///
+/// In the emulated test host a failed run is run once more in a fresh host, with a printed WARNING,
+/// and a pass on that second run prints FLAKY: QEMU's TCG emulation of nested SVM has rare faults of
+/// its own (a frozen L1, or an L2 guest that triple-faults at random, about once per CI run). A
+/// deterministic regression still fails both runs. On hardware KVM (`Direct`) nothing is retried.
 pub fn run_in_test_host(name: &str, body: impl FnOnce()) {
     if let Some(thread_name) = thread::current().name() {
         assert!(
@@ -542,7 +547,8 @@ pub fn parse_l1_step(console: &str, step: &str) -> Option<f64> {
     })
 }
 
-/// Runs test `name` of this executable inside a fresh emulated test host and fails unless it passed there.
+/// Runs test `name` of this executable inside a fresh emulated test host and fails unless it passed there
+/// (at most two runs, see [`run_in_test_host`]).
 fn run_emulated(name: &str) {
     let imgs = images();
     let _lock = l1_lock();
@@ -688,20 +694,10 @@ fn run_emulated(name: &str) {
             step_at(" command finished").unwrap_or_else(|| "-".into()),
             log_path.display()
         ));
-        if froze && attempt == 1 {
-            say(&format!(
-                "[emulated] {name}: WARNING: the emulated test host froze (no console output for \
-                 {}s; tail below); running the test once more\n{}",
-                L1_SILENCE_LIMIT.as_secs(),
-                tail(&text, 15)
-            ));
-            let _ = fs::rename(&log_path, log_path.with_extension("froze.log"));
-            continue;
-        }
         let result = parse_l1_result(&text);
         let problem = match (status, result) {
             (None, _) if froze => Some(format!(
-                "the emulated test host froze twice (no console output for {}s; killed)",
+                "the emulated test host froze (no console output for {}s; killed)",
                 L1_SILENCE_LIMIT.as_secs()
             )),
             (None, _) => Some(format!(
@@ -714,18 +710,36 @@ fn run_emulated(name: &str) {
                 "the test failed inside the emulated test host (exit code {rc})"
             )),
         };
-        if let Some(problem) = problem {
-            panic!(
-                "{problem}\n--- inner test failure ---\n{}\n--- qemu: {}; stderr (tail) ---\n{}\n\
-                 --- L1 console (tail; full log {}) ---\n{}\n",
+        let Some(problem) = problem else {
+            if attempt > 1 {
+                say(&format!(
+                    "[emulated] {name}: FLAKY: failed in the emulated test host, passed when run again \
+                     (first run's log: {})",
+                    log_path.with_extension("attempt1.log").display()
+                ));
+            }
+            return;
+        };
+        if attempt == 1 {
+            say(&format!(
+                "[emulated] {name}: WARNING: {problem}; running the test once more in a fresh test \
+                 host (nested SVM under TCG has rare faults of its own; a second failure fails the \
+                 test)\n--- inner test failure ---\n{}\n--- L1 console (tail) ---\n{}",
                 inner_panics(&text),
-                status.map_or("killed".to_string(), |s| s.to_string()),
-                tail(&qemu_err.text(), 10),
-                log_path.display(),
-                tail(&text, TAIL_LINES * 2)
-            );
+                tail(&text, 15)
+            ));
+            let _ = fs::rename(&log_path, log_path.with_extension("attempt1.log"));
+            continue;
         }
-        return;
+        panic!(
+            "{problem} (second run)\n--- inner test failure ---\n{}\n--- qemu: {}; stderr (tail) ---\n{}\n\
+             --- L1 console (tail; full log {}) ---\n{}\n",
+            inner_panics(&text),
+            status.map_or("killed".to_string(), |s| s.to_string()),
+            tail(&qemu_err.text(), 10),
+            log_path.display(),
+            tail(&text, TAIL_LINES * 2)
+        );
     }
 }
 
