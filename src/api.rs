@@ -147,6 +147,12 @@ impl VmBuilder {
         self
     }
 
+    /// Give the VM an in-kernel i8254 PIT (default off; see `--pit`).
+    pub fn pit(mut self, on: bool) -> Self {
+        self.config.pit = on;
+        self
+    }
+
     /// Install seccomp filters on minivmm's threads (default on).
     pub fn seccomp(mut self, on: bool) -> Self {
         self.config.seccomp = on;

@@ -30,7 +30,7 @@ use crate::memory_manager::{hotplug_slots, MemoryManager};
 use crate::resize;
 use crate::seccomp::BpfProgram;
 use crate::vcpu::{EventSink, VcpuContext};
-use crate::vm::{Vm, VmError};
+use crate::vm::{Vm, VmError, VmFeatures};
 
 /// Errors while building a machine or changing it.
 #[derive(Debug, thiserror::Error)]
@@ -143,13 +143,13 @@ impl Machine {
     pub(crate) fn boot(host: &mut Host, spec: BootSpec) -> Result<Machine, MachineError> {
         let started = Instant::now();
         let max_cpus = host.config.cpus.max;
-        // Opt-in: the MSR filter costs ~13 ms at VM creation on PVM, and guests in the nested
-        // emulated test host hung or triple-faulted now and then with it.
-        let vm = Vm::new(
-            &host.kvm,
-            &memory::ram_regions(spec.mem),
-            host.config.cpu_online_events,
-        )?;
+        // cpu-online events are opt-in: guests in the nested emulated test host hung or
+        // triple-faulted now and then with the MSR filter.
+        let features = VmFeatures {
+            pit: host.config.pit,
+            report_online: host.config.cpu_online_events,
+        };
+        let vm = Vm::new(&host.kvm, &memory::ram_regions(spec.mem), features)?;
         let kernel = load_guest(host, &vm, spec)?;
         vm.register_irqfd(&host.serial_irq, layout::irq::COM1)?;
         vm.register_irqfd(&host.ged_irq, layout::irq::GED)?;

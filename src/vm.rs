@@ -1,4 +1,4 @@
-//! The KVM virtual machine: VM fd, in-kernel irqchip and PIT, guest memory slots, irqfds and
+//! The KVM virtual machine: VM fd, in-kernel irqchip (and optional PIT), guest memory slots, irqfds and
 //! vCPU creation. Nothing here knows about devices or the guest's boot.
 
 use std::sync::Arc;
@@ -51,11 +51,10 @@ pub enum VmError {
 }
 
 /// Capabilities minivmm relies on.
-const REQUIRED_CAPS: [Cap; 8] = [
+const REQUIRED_CAPS: [Cap; 7] = [
     Cap::Irqchip,
     Cap::UserMemory,
     Cap::SetTssAddr,
-    Cap::Pit2,
     Cap::Irqfd,
     Cap::ImmediateExit,
     Cap::ExtCpuid,
@@ -87,29 +86,31 @@ pub struct Vm {
     supported_cpuid: CpuId,
 }
 
+/// Optional parts of a VM.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct VmFeatures {
+    /// An in-kernel i8254 PIT. Linux on KVM needs none (kvmclock gives the TSC rate, the LAPIC
+    /// runs in TSC-deadline mode, and KVM guests skip the timer-IRQ check); KVM's teardown of
+    /// one waits for SRCU grace periods, ~24 ms on a Debian host, at every exit and reboot.
+    pub pit: bool,
+    /// vCPUs report coming online (an MSR filter on IA32_LSTAR writes, installed before the
+    /// irqchip: there it costs ~12 µs, after it an SRCU grace period, ~13 ms on PVM).
+    pub report_online: bool,
+}
+
 impl Vm {
-    /// Creates a VM with an in-kernel irqchip and PIT and `ram` as boot memory regions.
-    ///
-    /// With `report_online`, vCPUs report coming online (an MSR filter; `KVM_X86_SET_MSR_FILTER`
-    /// waits for an SRCU grace period, about 13 ms on PVM, so it is only paid when asked for).
+    /// Creates a VM with an in-kernel irqchip (and PIT if asked) and `ram` as boot memory
+    /// regions.
     pub fn new(
         kvm: &Kvm,
         ram: &[(GuestAddress, usize)],
-        report_online: bool,
+        features: VmFeatures,
     ) -> Result<Vm, VmError> {
         let fd = kvm
             .create_vm()
             .map_err(|e| VmError::Ioctl("KVM_CREATE_VM", e))?;
         fd.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
             .map_err(|e| VmError::Ioctl("KVM_SET_TSS_ADDR", e))?;
-        fd.create_irq_chip()
-            .map_err(|e| VmError::Ioctl("KVM_CREATE_IRQCHIP", e))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        fd.create_pit2(pit)
-            .map_err(|e| VmError::Ioctl("KVM_CREATE_PIT2", e))?;
         let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| VmError::Ioctl("KVM_GET_SUPPORTED_CPUID", e))?;
@@ -121,11 +122,24 @@ impl Vm {
             max_slots,
             supported_cpuid,
         };
-        if report_online {
+        if features.report_online {
             vm.trap_lstar_writes();
         }
+        // Memory before the irqchip: the first memory slot installed after KVM_CREATE_IRQCHIP
+        // waits for an SRCU grace period (6-10 ms on PVM; 0.1-0.3 ms in this order).
         for &(addr, size) in ram {
             vm.add_memory(addr, size as u64)?;
+        }
+        let fd = &vm.fd;
+        fd.create_irq_chip()
+            .map_err(|e| VmError::Ioctl("KVM_CREATE_IRQCHIP", e))?;
+        if features.pit {
+            let pit = kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            };
+            fd.create_pit2(pit)
+                .map_err(|e| VmError::Ioctl("KVM_CREATE_PIT2", e))?;
         }
         Ok(vm)
     }
