@@ -35,6 +35,7 @@ pub fn pvh_elf(code: &[u8]) -> Vec<u8> {
     f.extend_from_slice(&64u16.to_le_bytes()); // e_shentsize
     f.extend_from_slice(&0u16.to_le_bytes());
     f.extend_from_slice(&0u16.to_le_bytes());
+    // (PT_NOTE is 4-aligned like Linux's: readers such as QEMU's pad the note name to p_align.)
     let phdr = |f: &mut Vec<u8>, kind: u32, flags: u32, off: u64, addr: u64, size: u64| {
         f.extend_from_slice(&kind.to_le_bytes());
         f.extend_from_slice(&flags.to_le_bytes());
@@ -43,7 +44,7 @@ pub fn pvh_elf(code: &[u8]) -> Vec<u8> {
         f.extend_from_slice(&addr.to_le_bytes());
         f.extend_from_slice(&size.to_le_bytes());
         f.extend_from_slice(&size.to_le_bytes());
-        f.extend_from_slice(&16u64.to_le_bytes());
+        f.extend_from_slice(&(if kind == 4 { 4u64 } else { 16 }).to_le_bytes());
     };
     phdr(
         &mut f,
