@@ -25,7 +25,8 @@ const WAIT_FOREVER: u16 = 0xffff;
 // GED event bits and CPU controller commands: the devices' own constants, so the AML and the
 // device models cannot drift apart.
 use crate::devices::cpu_hotplug::{
-    CMD_OST_EVENT as CCMD_OST_EVENT, CMD_OST_STATUS as CCMD_OST_STATUS,
+    CMD_NEXT_EVENT as CCMD_NEXT_EVENT, CMD_OST_EVENT as CCMD_OST_EVENT,
+    CMD_OST_STATUS as CCMD_OST_STATUS,
 };
 use crate::devices::ged::{
     GED_CPU as GED_CPU_BIT, GED_MEMORY as GED_MEMORY_BIT, GED_POWER_BUTTON as GED_POWER_BUTTON_BIT,
@@ -70,6 +71,7 @@ const CDAT: &str = "\\_SB_.PRES.CDAT";
 // Memory hotplug controller objects.
 const MLCK: &str = "\\_SB_.MHPC.MLCK";
 const MSEL: &str = "\\_SB_.MHPC.MSEL";
+const MNEV: &str = "\\_SB_.MHPC.MNEV";
 const MEN: &str = "\\_SB_.MHPC.MEN_";
 const MINS: &str = "\\_SB_.MHPC.MINS";
 const MRMV: &str = "\\_SB_.MHPC.MRMV";
@@ -148,35 +150,37 @@ fn notify_method(method: &str, devices: impl Iterator<Item = (u64, String)>) -> 
     )))
 }
 
-/// A scan method: under `lock`, for each index below `count` select it; on insert notify
-/// Device Check and ack, on remove notify Eject Request and ack.
+/// An event-directed scan `method`: `find_next` selects the first device at or after index
+/// `Local0` that has an event and leaves its index in `Local1` (the controller finds it, so a scan
+/// costs a few register accesses per device with an event instead of three per possible
+/// device); for it, `notifier(Local1, 1)` on an insert and `notifier(Local1, 3)` on a removal,
+/// each acknowledged. The scan ends at the first selected device without an event, and after
+/// at most `count` rounds whatever the registers read.
 fn scan_method(
     method: &str,
     count: u64,
     lock: &str,
-    select: &str,
+    find_next: Vec<&dyn Aml>,
     (inserting, removing): (&str, &str),
     notifier: &str,
 ) -> RawAml {
-    let select_local0 = RawAml(aml_bytes(&aml::Store::new(
-        &Path::new(select),
-        &aml::Local(0),
-    )));
     let on_insert = if_field_set(
         inserting,
         vec![
-            &aml::MethodCall::new(notifier.into(), vec![&aml::Local(0), &NOTIFY_DEVICE_CHECK]),
+            &aml::MethodCall::new(notifier.into(), vec![&aml::Local(1), &NOTIFY_DEVICE_CHECK]),
             &aml::Store::new(&Path::new(inserting), &aml::ONE),
+            &aml::Store::new(&aml::Local(3), &aml::ONE),
         ],
     );
     let on_remove = if_field_set(
         removing,
         vec![
-            &aml::MethodCall::new(notifier.into(), vec![&aml::Local(0), &NOTIFY_EJECT_REQUEST]),
+            &aml::MethodCall::new(notifier.into(), vec![&aml::Local(1), &NOTIFY_EJECT_REQUEST]),
             &aml::Store::new(&Path::new(removing), &aml::ONE),
+            &aml::Store::new(&aml::Local(3), &aml::ONE),
         ],
     );
-    let next = aml::Add::new(&aml::Local(0), &aml::Local(0), &aml::ONE);
+    let find_next = RawAml(find_next.iter().flat_map(|a| aml_bytes(*a)).collect());
     RawAml(aml_bytes(&aml::Method::new(
         method.into(),
         0,
@@ -184,9 +188,22 @@ fn scan_method(
         vec![
             &aml::Acquire::new(lock.into(), WAIT_FOREVER),
             &aml::Store::new(&aml::Local(0), &aml::ZERO),
+            &aml::Store::new(&aml::Local(2), &aml::ZERO),
             &aml::While::new(
-                &aml::LessThan::new(&aml::Local(0), &count),
-                vec![&select_local0, &on_insert, &on_remove, &next],
+                &aml::LessThan::new(&aml::Local(2), &count),
+                vec![
+                    &find_next,
+                    &aml::Store::new(&aml::Local(3), &aml::ZERO),
+                    &on_insert,
+                    &on_remove,
+                    &aml::Add::new(&aml::Local(0), &aml::Local(1), &aml::ONE),
+                    &aml::Add::new(&aml::Local(2), &aml::Local(2), &aml::ONE),
+                    // No event at the selected device: nothing is left, end the loop.
+                    &aml::If::new(
+                        &aml::Equal::new(&aml::Local(3), &aml::ZERO),
+                        vec![&aml::Store::new(&aml::Local(2), &count)],
+                    ),
+                ],
             ),
             &aml::Release::new(lock.into()),
         ],
@@ -482,11 +499,16 @@ fn cpu_container(max_cpus: u8) -> Vec<u8> {
             &aml::Release::new(CPLK.into()),
         ],
     )));
+    // Command 0 moves the selector to the next CPU with an event; CDAT then reads its index.
     let cscn = scan_method(
         "CSCN",
         u64::from(max_cpus),
         CPLK,
-        CSEL,
+        vec![
+            &aml::Store::new(&Path::new(CSEL), &aml::Local(0)),
+            &aml::Store::new(&Path::new(CCMD), &CCMD_NEXT_EVENT),
+            &aml::Store::new(&aml::Local(1), &Path::new(CDAT)),
+        ],
         (CINS, CRMV),
         "CTFY",
     );
@@ -595,7 +617,19 @@ fn memory_controller(slots: usize) -> Vec<u8> {
         "MTFY",
         (0..slots).map(|slot| (slot as u64, memory_device_name(slot))),
     );
-    let mscn = scan_method("MSCN", slots as u64, MLCK, MSEL, (MINS, MRMV), "MTFY");
+    // MNEV reads the next slot with an event at or after the selector (the slot count if none).
+    let mscn = scan_method(
+        "MSCN",
+        slots as u64,
+        MLCK,
+        vec![
+            &aml::Store::new(&Path::new(MSEL), &aml::Local(0)),
+            &aml::Store::new(&aml::Local(1), &Path::new(MNEV)),
+            &aml::Store::new(&Path::new(MSEL), &aml::Local(1)),
+        ],
+        (MINS, MRMV),
+        "MTFY",
+    );
     let msta = status_method("MSTA", MLCK, MSEL, MEN);
     let most = RawAml(aml_bytes(&aml::Method::new(
         "MOST".into(),
@@ -646,6 +680,14 @@ fn memory_controller(slots: usize) -> Vec<u8> {
                 FieldLockRule::NoLock,
                 FieldUpdateRule::Preserve,
                 field_entries(&mem_hotplug::WRITE_FIELDS),
+            ),
+            // Next slot with an event, at +0x18.
+            &aml::Field::new(
+                "MHPR".into(),
+                FieldAccessType::DWord,
+                FieldLockRule::NoLock,
+                FieldUpdateRule::Preserve,
+                field_entries(&mem_hotplug::EVENT_FIELDS),
             ),
             &mtfy,
             &mscn,

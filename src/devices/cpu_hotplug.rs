@@ -53,7 +53,7 @@ pub(crate) const DWORD_FIELDS: [Field; 2] = [
 ];
 
 /// CCMD: select the next CPU with a pending insert/remove event.
-const CMD_NEXT_EVENT: u8 = 0;
+pub const CMD_NEXT_EVENT: u8 = 0;
 /// CCMD: the next CDAT write is the `_OST` event.
 pub const CMD_OST_EVENT: u8 = 1;
 /// CCMD: the next CDAT write is the `_OST` status.

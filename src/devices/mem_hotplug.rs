@@ -8,6 +8,7 @@
 //! | 0x0C | length, high 32 bits | - |
 //! | 0x10 | proximity domain (0) | - |
 //! | 0x14 | byte: bit0 enabled, bit1 inserting, bit2 removing | bit1 ack insert, bit2 ack remove, bit3 eject |
+//! | 0x18 | MNEV: the first slot at or after the selector with an insert or remove event, or the number of slots if none (minivmm's extension, so the guest's scan does not visit every slot) | - |
 //!
 //! Accesses of any width are accepted (reads return the covered bytes, writes update each
 //! register they overlap). While the selector is out of range, reads return 0 and writes other
@@ -30,8 +31,10 @@ const LENGTH: u64 = 0x8;
 const PROXIMITY: u64 = 0x10;
 /// Offset of the flags byte.
 const FLAGS: u64 = 0x14;
+/// Offset of MNEV, the next slot with an event (read).
+const MNEV: u64 = 0x18;
 /// Size of the register block.
-const REGS_SIZE: usize = 0x18;
+const REGS_SIZE: usize = 0x1c;
 
 /// Flags bit: slot enabled (populated).
 const FLAG_ENABLED: u8 = 1 << 0;
@@ -63,6 +66,9 @@ pub(crate) const WRITE_FIELDS: [Field; 3] = [
     Field::reg(*b"MOEV", MOEV, 32),
     Field::reg(*b"MOSC", MOSC, 32),
 ];
+
+/// The dword-wide event field as the DSDT declares it (next slot with an event).
+pub(crate) const EVENT_FIELDS: [Field; 1] = [Field::reg(*b"MNEV", MNEV, 32)];
 
 /// Errors from filling a memory hotplug slot.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -165,9 +171,24 @@ impl MemHotplug {
         self.slots.get_mut(usize::try_from(self.selector).ok()?)
     }
 
-    /// Current register image for the selected slot (all zero if the selector is out of range).
+    /// The first slot at or after the selector with a pending event, or the slot count.
+    fn next_event(&self) -> u32 {
+        let start = usize::try_from(self.selector).unwrap_or(usize::MAX);
+        let found = self
+            .slots
+            .iter()
+            .enumerate()
+            .skip(start)
+            .find(|(_, s)| s.inserting || s.removing)
+            .map_or(self.slots.len(), |(i, _)| i);
+        u32::try_from(found).unwrap_or(u32::MAX)
+    }
+
+    /// Current register image for the selected slot (all zero but MNEV if the selector is out
+    /// of range).
     fn image(&self) -> [u8; REGS_SIZE] {
         let mut image = [0u8; REGS_SIZE];
+        image[MNEV as usize..].copy_from_slice(&self.next_event().to_le_bytes());
         let Some(slot) = self.selected() else {
             return image;
         };
@@ -299,6 +320,30 @@ mod tests {
     }
 
     #[test]
+    fn mnev_finds_the_next_slot_with_an_event() {
+        use crate::devices::regs::{aml_read, aml_write};
+        let (e, f, w) = (&EVENT_FIELDS[..], &FLAG_FIELDS[..], &WRITE_FIELDS[..]);
+        let mut dev = MemHotplug::new(4);
+        assert_eq!(
+            aml_read(&mut dev, e, b"MNEV"),
+            4,
+            "no event: the slot count"
+        );
+        dev.insert(0, 1 << 32, 1 << 27).unwrap();
+        dev.insert(2, (1 << 32) + (1 << 27), 1 << 27).unwrap();
+        assert_eq!(aml_read(&mut dev, e, b"MNEV"), 0);
+        aml_write(&mut dev, w, b"MSEL", 1);
+        assert_eq!(aml_read(&mut dev, e, b"MNEV"), 2);
+        aml_write(&mut dev, w, b"MSEL", 2);
+        aml_write(&mut dev, f, b"MINS", 1);
+        assert_eq!(aml_read(&mut dev, e, b"MNEV"), 4, "acknowledged");
+        aml_write(&mut dev, w, b"MSEL", 0);
+        assert_eq!(aml_read(&mut dev, e, b"MNEV"), 0);
+        aml_write(&mut dev, w, b"MSEL", u32::MAX.into());
+        assert_eq!(aml_read(&mut dev, e, b"MNEV"), 4, "selector past the end");
+    }
+
+    #[test]
     fn insert_validation() {
         let mut dev = MemHotplug::new(2);
         assert_eq!(dev.slots(), 2);
@@ -344,11 +389,13 @@ mod tests {
         select(&mut dev, 0);
         assert_eq!(read_u32(&mut dev, 0x4), 0x1);
         assert_eq!(read_u32(&mut dev, 0x8), 0x4000_0000);
-        // An empty slot reads as zeros.
+        // An empty slot reads as zeros, but for MNEV (no event at or after it: the slot count).
         select(&mut dev, 2);
         let mut all = [0xffu8; REGS_SIZE];
         dev.read(0, &mut all);
-        assert_eq!(all, [0; REGS_SIZE]);
+        let mut want = [0; REGS_SIZE];
+        want[MNEV as usize] = dev.slots() as u8;
+        assert_eq!(all, want);
     }
 
     #[test]
@@ -391,7 +438,9 @@ mod tests {
         select(&mut dev, 1);
         let mut all = [0xffu8; REGS_SIZE];
         dev.read(0, &mut all);
-        assert_eq!(all, [0; REGS_SIZE]);
+        let mut want = [0; REGS_SIZE];
+        want[MNEV as usize] = 1;
+        assert_eq!(all, want, "zeros, and MNEV = the slot count");
         assert_eq!(dev.write(MOSC, &[1, 0, 0, 0]), DeviceEvent::None);
         dev.write(FLAGS, &[FLAG_INSERTING]);
         select(&mut dev, 0);

@@ -85,7 +85,7 @@ pub const CPU_HOTPLUG_SIZE: u64 = 0xc;
 /// Memory hotplug controller (QEMU/Cloud Hypervisor layout).
 pub const MEM_HOTPLUG_START: u64 = PLATFORM_MMIO_START + 0x200;
 /// Size of the memory hotplug controller register block.
-pub const MEM_HOTPLUG_SIZE: u64 = 0x18;
+pub const MEM_HOTPLUG_SIZE: u64 = 0x1c;
 
 /// In-kernel IOAPIC.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
