@@ -39,11 +39,12 @@ Options:
                              (default: \"console=ttyS0 reboot=k panic=1 pci=off\")
   --cpus boot=N[,max=M]      vCPUs at boot and the most vCPUs hotplug may reach,
                              1 <= N <= M <= 254 (default: boot=1, max=boot)
-  --memory size=SIZE[,hotplug_size=SIZE]
+  --memory size=SIZE[,hotplug_size=SIZE][,thp=on|off]
                              boot RAM (at least 64M, a multiple of 1M) and the
                              window reserved for hot-added RAM (a multiple of
-                             128M); together at most 1T
-                             (default: size=512M, hotplug_size=0)
+                             128M); together at most 1T; thp: advise
+                             transparent huge pages for guest RAM
+                             (default: size=512M, hotplug_size=0, thp=on)
   --serial tty|off|file=PATH guest COM1: connected to stdin/stdout, disabled, or
                              written to the file PATH (default: tty)
   --no-reboot                when the guest reboots, exit with status 2 instead
@@ -187,6 +188,8 @@ pub struct MemoryConfig {
     pub size: u64,
     /// Size of the hotplug window, a multiple of `MEMORY_HOTPLUG_ALIGN` (0: no memory hotplug).
     pub hotplug_size: u64,
+    /// Advise transparent huge pages for guest RAM (`thp=on|off`, default on).
+    pub huge_pages: bool,
 }
 
 impl MemoryConfig {
@@ -201,6 +204,7 @@ impl Default for MemoryConfig {
         MemoryConfig {
             size: DEFAULT_MEMORY_SIZE,
             hotplug_size: 0,
+            huge_pages: true,
         }
     }
 }
@@ -592,8 +596,8 @@ fn parse_memory(flag: &'static str, value: &str) -> Result<MemoryConfig, ConfigE
     let found = parse_key_values(
         flag,
         value,
-        &["size", "hotplug_size"],
-        "size=SIZE[,hotplug_size=SIZE]",
+        &["size", "hotplug_size", "thp"],
+        "size=SIZE[,hotplug_size=SIZE][,thp=on|off]",
     )?;
     let (size, size_text) = match found[0] {
         Some(s) => (parse_size_value(flag, "size", s)?, s.to_string()),
@@ -641,7 +645,15 @@ fn parse_memory(flag: &'static str, value: &str) -> Result<MemoryConfig, ConfigE
         ));
     }
     match size.checked_add(hotplug_size) {
-        Some(total) if total <= MAX_TOTAL_MEMORY => Ok(MemoryConfig { size, hotplug_size }),
+        Some(total) if total <= MAX_TOTAL_MEMORY => Ok(MemoryConfig {
+            size,
+            hotplug_size,
+            huge_pages: match found[2] {
+                None | Some("on") => true,
+                Some("off") => false,
+                Some(v) => return Err(invalid(flag, format!("thp={v}: expected on or off"))),
+            },
+        }),
         _ => Err(invalid(
             flag,
             format!(
@@ -938,7 +950,8 @@ mod tests {
             config.memory,
             MemoryConfig {
                 size: 512 << 20,
-                hotplug_size: 0
+                hotplug_size: 0,
+                huge_pages: true,
             }
         );
         assert_eq!(config.serial, SerialMode::Tty);
@@ -960,6 +973,7 @@ mod tests {
             memory: MemoryConfig {
                 size: 1 << 30,
                 hotplug_size: 2 << 30,
+                huge_pages: true,
             },
             serial: SerialMode::File(PathBuf::from("/tmp/console.log")),
             no_reboot: true,
@@ -1330,32 +1344,42 @@ mod tests {
     #[test]
     fn memory() {
         let mem = |v: &str| run(&["--kernel", "k", "--memory", v]).memory;
+        assert!(mem("size=1G").huge_pages);
+        assert!(!mem("size=1G,thp=off").huge_pages);
+        assert_eq!(
+            err(&["--kernel", "k", "--memory", "thp=2M"]),
+            "--memory: thp=2M: expected on or off"
+        );
         assert_eq!(
             mem("size=1G"),
             MemoryConfig {
                 size: 1 << 30,
-                hotplug_size: 0
+                hotplug_size: 0,
+                huge_pages: true,
             }
         );
         assert_eq!(
             mem("size=64M,hotplug_size=128M"),
             MemoryConfig {
                 size: 64 << 20,
-                hotplug_size: 128 << 20
+                hotplug_size: 128 << 20,
+                huge_pages: true,
             }
         );
         assert_eq!(
             mem("hotplug_size=1G"),
             MemoryConfig {
                 size: 512 << 20,
-                hotplug_size: 1 << 30
+                hotplug_size: 1 << 30,
+                huge_pages: true,
             }
         );
         assert_eq!(
             mem("size=512G,hotplug_size=512G"),
             MemoryConfig {
                 size: 512 << 30,
-                hotplug_size: 512 << 30
+                hotplug_size: 512 << 30,
+                huge_pages: true,
             }
         );
         assert_eq!(mem("size=1T").size, 1 << 40);
@@ -1400,7 +1424,7 @@ mod tests {
         assert_eq!(e("size=1G,size=2G"), "--memory: duplicate key size");
         assert_eq!(
             e("ram=1G"),
-            "--memory: unknown key \"ram\" (expected size or hotplug_size)"
+            "--memory: unknown key \"ram\" (expected size or hotplug_size or thp)"
         );
         assert_eq!(
             e("hotplug_size="),
@@ -1408,7 +1432,7 @@ mod tests {
         );
         assert_eq!(
             e("1G"),
-            "--memory: expected key=value, got \"1G\" (expected size=SIZE[,hotplug_size=SIZE])"
+            "--memory: expected key=value, got \"1G\" (expected size=SIZE[,hotplug_size=SIZE][,thp=on|off])"
         );
     }
 

@@ -23,6 +23,7 @@ pub mod logger;
 pub(crate) mod machine;
 pub(crate) mod memory_manager;
 pub(crate) mod ost;
+pub(crate) mod ram;
 pub(crate) mod resize;
 pub(crate) mod seccomp;
 pub mod size;

@@ -147,6 +147,7 @@ impl Machine {
         // triple-faulted now and then with the MSR filter.
         let features = VmFeatures {
             pit: host.config.pit,
+            huge_pages: host.config.memory.huge_pages,
             report_online: host.config.cpu_online_events,
         };
         let vm = Vm::new(&host.kvm, &memory::ram_regions(spec.mem), features)?;

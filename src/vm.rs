@@ -10,7 +10,9 @@ use kvm_bindings::{
 use kvm_ioctls::{
     Cap, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuFd, VmFd,
 };
-use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+
+use crate::ram::HostMapping;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::{cpuid, layout, msr, regs};
@@ -78,12 +80,16 @@ pub fn open_kvm() -> Result<Kvm, VmError> {
 
 /// One VM: its fd, memory and the CPUID template for its vCPUs.
 pub struct Vm {
+    // Declared first, so dropped first: the VM (and its memory slots) go before the mappings.
     fd: VmFd,
     memory: GuestMemoryMmap,
     /// KVM slot numbers of the regions in `memory`, in insertion order.
     slots: Vec<(u32, GuestAddress, u64)>,
+    /// The host mappings behind `slots`, in the same order.
+    mappings: Vec<HostMapping>,
     max_slots: u32,
     supported_cpuid: CpuId,
+    huge_pages: bool,
 }
 
 /// Optional parts of a VM.
@@ -93,6 +99,9 @@ pub struct VmFeatures {
     /// runs in TSC-deadline mode, and KVM guests skip the timer-IRQ check); KVM's teardown of
     /// one waits for SRCU grace periods, ~24 ms on a Debian host, at every exit and reboot.
     pub pit: bool,
+    /// Advise transparent huge pages for guest RAM (`MADV_HUGEPAGE`). Guest RAM is 2 MiB-aligned
+    /// either way, so hosts whose THP mode is `always` use huge pages regardless.
+    pub huge_pages: bool,
     /// vCPUs report coming online (an MSR filter on IA32_LSTAR writes, installed before the
     /// irqchip: there it costs ~12 µs, after it an SRCU grace period, ~13 ms on PVM).
     pub report_online: bool,
@@ -119,8 +128,10 @@ impl Vm {
             fd,
             memory: GuestMemoryMmap::default(),
             slots: Vec::new(),
+            mappings: Vec::new(),
             max_slots,
             supported_cpuid,
+            huge_pages: features.huge_pages,
         };
         if features.report_online {
             vm.trap_lstar_writes();
@@ -190,9 +201,14 @@ impl Vm {
         };
         let slot = self.free_slot()?;
         let len = usize::try_from(size).map_err(|_| err("size overflows usize".into()))?;
-        let mapping = MmapRegion::new(len).map_err(|e| err(e.to_string()))?;
-        let region =
-            GuestRegionMmap::new(mapping, addr).ok_or_else(|| err("address overflow".into()))?;
+        // Huge pages from 2 MiB up: the first 2 MiB of guest RAM (real-mode area, boot data, ACPI
+        // tables) stay in small pages, so a tiny guest does not pay a whole huge page for them.
+        let huge_from = self
+            .huge_pages
+            .then_some(if addr.0 == 0 { crate::ram::ALIGN } else { 0 });
+        let mapping = HostMapping::new(len, huge_from).map_err(|e| err(e.to_string()))?;
+        let region = GuestRegionMmap::new(mapping.region().map_err(|e| err(e.to_string()))?, addr)
+            .ok_or_else(|| err("address overflow".into()))?;
         let host = region.as_ptr() as u64;
         let memory = self
             .memory
@@ -205,12 +221,14 @@ impl Vm {
             memory_size: size,
             userspace_addr: host,
         };
-        // SAFETY: the host range [host, host + size) is a live mapping owned by `memory`, which
-        // this Vm keeps (and so keeps mapped) for as long as the VM fd, and so the slot, exists.
+        // SAFETY: the host range [host, host + size) is `mapping`, which this Vm keeps (and so
+        // keeps mapped) for as long as the slot exists: until remove_last_memory deletes the slot,
+        // or the VM fd is closed (the field order makes `fd` drop first).
         unsafe { self.fd.set_user_memory_region(mem_region) }
             .map_err(|e| VmError::Ioctl("KVM_SET_USER_MEMORY_REGION", e))?;
         self.memory = memory;
         self.slots.push((slot, addr, size));
+        self.mappings.push(mapping);
         Ok(())
     }
 
@@ -239,6 +257,8 @@ impl Vm {
             })?;
         self.memory = memory;
         self.slots.pop();
+        // The slot and the region are gone: nothing refers to the mapping any more.
+        self.mappings.pop();
         Ok(())
     }
 
