@@ -353,7 +353,9 @@ impl ControlTarget for Vmm {
             return Err("the VM is not running".into());
         };
         // VMM-side work first; undone if any part fails, since nothing has been announced yet.
+        let started = Instant::now();
         resize::prepare(&plan, m)?;
+        let prepared = started.elapsed();
 
         // Commit to the controllers and announce with a single GED interrupt.
         let mut flags = 0u8;
@@ -361,7 +363,9 @@ impl ControlTarget for Vmm {
             self.events.push(m.memory.commit_add(slot, start, size));
             flags |= GED_MEMORY;
         }
-        let cpu_events = m.cpus.commit(plan.add_cpus, plan.remove_cpus, cpus);
+        let cpu_events = m
+            .cpus
+            .commit(plan.add_cpus.clone(), plan.remove_cpus.clone(), cpus);
         if !cpu_events.is_empty() {
             flags |= GED_CPU;
         }
@@ -374,6 +378,10 @@ impl ControlTarget for Vmm {
                 log::error!("raising the GED interrupt: {e}");
             }
         }
+        log::info!(
+            "resize: {plan:?} prepared in {prepared:?}, announced {:?} after the request",
+            started.elapsed()
+        );
         Ok(self.info())
     }
 

@@ -583,9 +583,13 @@ fn run_emulated(name: &str) {
             let _ = writeln!(script, "export {var}={}", shell_quote(&v));
         }
     }
+    // Benchmark settings (tests/latency.rs) reach the inner run too.
+    for (var, v) in std::env::vars().filter(|(k, _)| k.starts_with("MINIVMM_BENCH_")) {
+        let _ = writeln!(script, "export {var}={}", shell_quote(&v));
+    }
     let _ = writeln!(
         script,
-        "exec {} --exact {} --nocapture --test-threads=1",
+        "exec {} --exact {} --include-ignored --nocapture --test-threads=1",
         shell_quote(&exe.to_string_lossy()),
         shell_quote(name)
     );
@@ -794,6 +798,9 @@ pub struct VmOptions {
     pub extra: Vec<String>,
     /// Run this program instead of minivmm (one that takes minivmm's command line).
     pub program: Option<PathBuf>,
+    /// Start `program` with exactly these arguments instead (a peer VMM such as QEMU, whose
+    /// console is also its stdio).
+    pub raw_args: Option<Vec<String>>,
 }
 
 impl VmOptions {
@@ -810,6 +817,7 @@ impl VmOptions {
             control: false,
             extra: vec!["--log-level".to_string(), "info".to_string()],
             program: None,
+            raw_args: None,
         }
     }
 
@@ -869,6 +877,9 @@ impl VmOptions {
 
     /// The minivmm arguments for these options (`control` is the socket path, when enabled).
     pub fn args(&self, control: Option<&Path>) -> Vec<String> {
+        if let Some(raw) = &self.raw_args {
+            return raw.clone();
+        }
         let mut a = vec![
             "--kernel".to_string(),
             self.kernel.to_string_lossy().into_owned(),

@@ -1,0 +1,371 @@
+//! Hotplug latency, minivmm against QEMU q35, same guest (the Debian vmlinux and the test
+//! initramfs), in the same test host, runs interleaved (minivmm, QEMU, minivmm, ...).
+//!
+//! A benchmark, not a test: it asserts only that every step happens, and prints figures.
+//! `cargo test --release --test latency -- --ignored --nocapture` (in the emulated test host
+//! where `/dev/kvm` cannot boot Linux). `MINIVMM_BENCH_ROUNDS=N` sets the pairs (default 3);
+//! `MINIVMM_BENCH_MAX_CPUS=M` the possible vCPUs (default 4; QEMU `maxcpus=`);
+//! `MINIVMM_BENCH_BASELINE_BIN=PATH` adds a third VMM, an older minivmm build, to every round.
+//!
+//! Each figure is measured from the host sending the request to the guest printing a line from
+//! a tight shell loop of builtins (no fork per iteration), so its resolution is the loop's:
+//! - cpu visible: `/sys/devices/system/cpu/cpu1` exists;
+//! - mem first / mem full: MemTotal first changes / has grown by 1 GiB (less 16 MiB);
+//! - cpu gone: `cpu1` is gone from sysfs after the removal request;
+//! - eject done: the VMM reports the eject (minivmm `event cpu-ejected`, QEMU `DEVICE_DELETED`);
+//! - control round trip: minivmm `info`, QEMU QMP `query-status` (median of 20).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Possible vCPUs of every VMM (`MINIVMM_BENCH_MAX_CPUS`, default 4).
+fn max_cpus() -> u32 {
+    std::env::var("MINIVMM_BENCH_MAX_CPUS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4)
+}
+
+/// Hard limit on one measured step.
+const STEP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One round's figures, in milliseconds.
+#[derive(Debug, Clone, Default)]
+struct Sample {
+    cpu_visible: f64,
+    mem_reply: f64,
+    mem_first: f64,
+    mem_full: f64,
+    cpu_gone: f64,
+    eject_done: f64,
+    control_rtt: f64,
+}
+
+/// A figure's name and how to read it from a sample.
+type Figure = (&'static str, fn(&Sample) -> f64);
+
+const FIGURES: [Figure; 7] = [
+    ("CPU hot-add: request -> cpu1 in sysfs", |s| s.cpu_visible),
+    ("memory +1G: request -> VMM's reply", |s| s.mem_reply),
+    ("memory +1G: request -> MemTotal first grows", |s| {
+        s.mem_first
+    }),
+    ("memory +1G: request -> MemTotal +1G", |s| s.mem_full),
+    ("CPU hot-remove: request -> cpu1 gone", |s| s.cpu_gone),
+    ("CPU hot-remove: request -> eject reported", |s| {
+        s.eject_done
+    }),
+    ("control round trip (median of 20)", |s| s.control_rtt),
+];
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Starts a guest-side loop (`script` ends by echoing the split `marker`), waits until it runs.
+fn start_loop(vm: &mut Vm, script: &str) {
+    vm.write_line(&format!("echo LOOP''-STARTED; {script}"));
+    vm.wait_for("LOOP-STARTED", STEP_TIMEOUT);
+}
+
+/// The guest script that waits for MemTotal to change and then to grow by 1 GiB.
+const MEM_LOOP: &str = "read -r k base u < /proc/meminfo; t=$((base + 1048576 - 16384)); \
+     while read -r k v u < /proc/meminfo; [ $v = $base ]; do :; done; echo MEM''-FIRST; \
+     while read -r k v u < /proc/meminfo; [ $v -lt $t ]; do :; done; echo MEM''-FULL";
+const CPU_ADD_LOOP: &str =
+    "while [ ! -e /sys/devices/system/cpu/cpu1 ]; do :; done; echo CPU1''-HERE";
+const CPU_GONE_LOOP: &str =
+    "while [ -e /sys/devices/system/cpu/cpu1 ]; do :; done; echo CPU1''-GONE";
+
+/// What differs between the VMMs: how a request is sent and how the eject is seen.
+trait Driver {
+    fn vm(&mut self) -> &mut Vm;
+    fn add_cpu(&mut self);
+    fn add_memory(&mut self);
+    /// Asks for the removal and returns when the VMM reports the eject done.
+    fn remove_cpu_and_wait_eject(&mut self) -> Instant;
+    fn round_trip(&mut self);
+}
+
+fn measure(d: &mut dyn Driver) -> Sample {
+    let mut s = Sample::default();
+    start_loop(d.vm(), CPU_ADD_LOOP);
+    let t0 = Instant::now();
+    d.add_cpu();
+    d.vm().wait_for("CPU1-HERE", STEP_TIMEOUT);
+    s.cpu_visible = ms(t0.elapsed());
+    // The CPU stays offline (minivmm and QEMU alike: no udev rule in the test guest).
+
+    start_loop(d.vm(), MEM_LOOP);
+    let t0 = Instant::now();
+    d.add_memory();
+    s.mem_reply = ms(t0.elapsed());
+    d.vm().wait_for("MEM-FIRST", STEP_TIMEOUT);
+    s.mem_first = ms(t0.elapsed());
+    d.vm().wait_for("MEM-FULL", STEP_TIMEOUT);
+    s.mem_full = ms(t0.elapsed());
+
+    start_loop(d.vm(), CPU_GONE_LOOP);
+    let t0 = Instant::now();
+    let ejected = d.remove_cpu_and_wait_eject();
+    s.eject_done = ms(ejected - t0);
+    d.vm().wait_for("CPU1-GONE", STEP_TIMEOUT);
+    s.cpu_gone = ms(t0.elapsed());
+
+    let mut rtt: Vec<f64> = (0..20)
+        .map(|_| {
+            let t0 = Instant::now();
+            d.round_trip();
+            ms(t0.elapsed())
+        })
+        .collect();
+    s.control_rtt = median(&mut rtt);
+    s
+}
+
+/// minivmm through its control socket, with a `watch` connection for the eject event.
+struct Minivmm {
+    vm: Vm,
+    watch: BufReader<UnixStream>,
+}
+
+impl Minivmm {
+    fn boot(bin: &Path) -> Minivmm {
+        let mut opts = VmOptions::elf()
+            .cpus(&format!("boot=1,max={}", max_cpus()))
+            .memory("size=512M,hotplug_size=2G")
+            .control();
+        opts.program = Some(bin.to_path_buf());
+        let mut vm = Vm::boot(opts);
+        let mut s = vm.control_connect();
+        s.write_all(b"watch\n").expect("watch");
+        let mut watch = BufReader::new(s);
+        let mut line = String::new();
+        watch.read_line(&mut line).expect("watch reply");
+        assert!(line.starts_with("ok"), "watch: {line}");
+        Minivmm { vm, watch }
+    }
+}
+
+impl Driver for Minivmm {
+    fn vm(&mut self) -> &mut Vm {
+        &mut self.vm
+    }
+    fn add_cpu(&mut self) {
+        let r = self.vm.control("resize cpus=2");
+        assert!(r.starts_with("ok"), "{r}");
+    }
+    fn add_memory(&mut self) {
+        let r = self.vm.control("resize mem=1536M");
+        assert!(r.starts_with("ok"), "{r}");
+    }
+    fn remove_cpu_and_wait_eject(&mut self) -> Instant {
+        let r = self.vm.control("resize cpus=1");
+        assert!(r.starts_with("ok"), "{r}");
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = self.watch.read_line(&mut line).expect("watch stream");
+            assert!(n > 0 && Instant::now() < deadline, "no cpu-ejected event");
+            if line.starts_with("event cpu-ejected") {
+                return Instant::now();
+            }
+        }
+    }
+    fn round_trip(&mut self) {
+        let r = self.vm.control("info");
+        assert!(r.starts_with("ok"), "{r}");
+    }
+}
+
+/// QEMU q35 with KVM, driven through QMP.
+struct Qemu {
+    vm: Vm,
+    qmp: BufReader<UnixStream>,
+    _qmp_path: PathBuf,
+}
+
+impl Qemu {
+    fn boot() -> Qemu {
+        let imgs = images();
+        let qmp_path =
+            std::env::temp_dir().join(format!("minivmm-latency-{}.qmp", std::process::id()));
+        let _ = std::fs::remove_file(&qmp_path);
+        let cmdline = format!("{} memhp_default_state=online", guest_cmdline());
+        let args: Vec<String> = [
+            "-M",
+            "q35,accel=kvm",
+            "-cpu",
+            "host",
+            "-m",
+            "512M,slots=2,maxmem=2560M",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-serial",
+            "stdio",
+            "-no-reboot",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([
+            "-smp".to_string(),
+            format!("1,maxcpus={}", max_cpus()),
+            "-qmp".to_string(),
+            format!("unix:{},server=on,wait=off", qmp_path.display()),
+            "-kernel".to_string(),
+            imgs.vmlinux.display().to_string(),
+            "-initrd".to_string(),
+            imgs.l2_initramfs.display().to_string(),
+            "-append".to_string(),
+            cmdline,
+        ])
+        .collect();
+        let mut opts = VmOptions::elf();
+        opts.program = Some(PathBuf::from("qemu-system-x86_64"));
+        opts.raw_args = Some(args);
+        let vm = Vm::boot(opts);
+        let stream = UnixStream::connect(&qmp_path).expect("connect to QMP");
+        let mut qmp = BufReader::new(stream);
+        let mut greeting = String::new();
+        qmp.read_line(&mut greeting).expect("QMP greeting");
+        let mut q = Qemu {
+            vm,
+            qmp,
+            _qmp_path: qmp_path,
+        };
+        q.execute(r#"{"execute":"qmp_capabilities"}"#);
+        q
+    }
+
+    /// Sends one QMP command and returns its `return` line (events before it are skipped).
+    fn execute(&mut self, cmd: &str) -> String {
+        let s = self.qmp.get_mut();
+        s.write_all(cmd.as_bytes()).expect("QMP write");
+        s.write_all(b"\n").expect("QMP write");
+        self.until(|l| l.contains("\"return\"") || l.contains("\"error\""), cmd)
+    }
+
+    fn until(&mut self, want: impl Fn(&str) -> bool, what: &str) -> String {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = self.qmp.read_line(&mut line).expect("QMP read");
+            assert!(
+                n > 0 && Instant::now() < deadline,
+                "QMP: no answer to {what}"
+            );
+            if want(&line) {
+                assert!(!line.contains("\"error\""), "QMP {what}: {line}");
+                return line;
+            }
+        }
+    }
+}
+
+impl Driver for Qemu {
+    fn vm(&mut self) -> &mut Vm {
+        &mut self.vm
+    }
+    fn add_cpu(&mut self) {
+        self.execute(
+            r#"{"execute":"device_add","arguments":{"driver":"host-x86_64-cpu","id":"cpu1","socket-id":0,"core-id":1,"thread-id":0}}"#,
+        );
+    }
+    fn add_memory(&mut self) {
+        self.execute(
+            r#"{"execute":"object-add","arguments":{"qom-type":"memory-backend-ram","id":"mem1","size":1073741824}}"#,
+        );
+        self.execute(
+            r#"{"execute":"device_add","arguments":{"driver":"pc-dimm","id":"dimm1","memdev":"mem1"}}"#,
+        );
+    }
+    fn remove_cpu_and_wait_eject(&mut self) -> Instant {
+        self.execute(r#"{"execute":"device_del","arguments":{"id":"cpu1"}}"#);
+        self.until(
+            |l| l.contains("DEVICE_DELETED") && l.contains("cpu1"),
+            "DEVICE_DELETED cpu1",
+        );
+        Instant::now()
+    }
+    fn round_trip(&mut self) {
+        self.execute(r#"{"execute":"query-status"}"#);
+    }
+}
+
+fn table(names: &[&str], samples: &[Vec<Sample>]) {
+    println!();
+    let mut header = String::from("| ms, min / median / max |");
+    for n in names {
+        header.push_str(&format!(" {n} |"));
+    }
+    header.push_str(" minivmm / QEMU (median of pairs) |");
+    println!("{header}");
+    println!("|{}", "---|".repeat(names.len() + 2));
+    for (what, f) in FIGURES {
+        let mut row = format!("| {what} |");
+        for s in samples {
+            let mut v: Vec<f64> = s.iter().map(f).collect();
+            v.sort_by(f64::total_cmp);
+            row.push_str(&format!(
+                " {:.0} / {:.0} / {:.0} |",
+                v[0],
+                v[v.len() / 2],
+                v[v.len() - 1]
+            ));
+        }
+        let mut ratios: Vec<f64> = samples[0]
+            .iter()
+            .zip(&samples[1])
+            .map(|(a, b)| f(a) / f(b))
+            .collect();
+        row.push_str(&format!(" {:.2} |", median(&mut ratios)));
+        println!("{row}");
+    }
+}
+
+#[test]
+#[ignore = "benchmark: cargo test --release --test latency -- --ignored --nocapture"]
+fn hotplug_latency_against_qemu() {
+    run_in_test_host("hotplug_latency_against_qemu", || {
+        let rounds: usize = std::env::var("MINIVMM_BENCH_ROUNDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(3);
+        let baseline = std::env::var_os("MINIVMM_BENCH_BASELINE_BIN").map(PathBuf::from);
+        println!("hotplug latency: {rounds} rounds, max {} vCPUs", max_cpus());
+        let mut names = vec!["minivmm", "QEMU q35"];
+        if baseline.is_some() {
+            names.push("minivmm baseline");
+        }
+        let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); names.len()];
+        for round in 0..rounds {
+            let s = measure(&mut Minivmm::boot(&minivmm_bin()));
+            println!("round {round}: minivmm {s:?}");
+            samples[0].push(s);
+            let s = measure(&mut Qemu::boot());
+            println!("round {round}: QEMU q35 {s:?}");
+            samples[1].push(s);
+            if let Some(bin) = &baseline {
+                let s = measure(&mut Minivmm::boot(bin));
+                println!("round {round}: baseline {s:?}");
+                samples[2].push(s);
+            }
+        }
+        table(&names, &samples);
+    });
+}
