@@ -147,6 +147,12 @@ impl VmBuilder {
         self
     }
 
+    /// Advise transparent huge pages for guest RAM (default on; see `--memory thp=`).
+    pub fn huge_pages(mut self, on: bool) -> Self {
+        self.config.memory.huge_pages = on;
+        self
+    }
+
     /// Give the VM an in-kernel i8254 PIT (default off; see `--pit`).
     pub fn pit(mut self, on: bool) -> Self {
         self.config.pit = on;
