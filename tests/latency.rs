@@ -13,7 +13,10 @@
 //! - mem first / mem full: MemTotal first changes / has grown by 1 GiB (less 16 MiB);
 //! - cpu gone: `cpu1` is gone from sysfs after the removal request;
 //! - eject done: the VMM reports the eject (minivmm `event cpu-ejected`, QEMU `DEVICE_DELETED`);
-//! - control round trip: minivmm `info`, QEMU QMP `query-status` (median of 20).
+//! - control round trip: minivmm `info`, QEMU QMP `query-status` (median of 20);
+//! - boot: VMM start -> the guest's `GUEST-READY` line (its shell is up);
+//! - own RSS: the VMM's resident memory outside guest RAM (mappings of 64 MiB and more are
+//!   taken to be guest RAM), after the boot.
 
 mod common;
 
@@ -38,6 +41,8 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 /// One round's figures, in milliseconds.
 #[derive(Debug, Clone, Default)]
 struct Sample {
+    boot: f64,
+    own_rss_kib: f64,
     cpu_visible: f64,
     mem_reply: f64,
     mem_first: f64,
@@ -50,7 +55,11 @@ struct Sample {
 /// A figure's name and how to read it from a sample.
 type Figure = (&'static str, fn(&Sample) -> f64);
 
-const FIGURES: [Figure; 7] = [
+const FIGURES: [Figure; 9] = [
+    ("start -> guest shell ready", |s| s.boot),
+    ("own RSS after boot, KiB (guest RAM excluded)", |s| {
+        s.own_rss_kib
+    }),
     ("CPU hot-add: request -> cpu1 in sysfs", |s| s.cpu_visible),
     ("memory +1G: request -> VMM's reply", |s| s.mem_reply),
     ("memory +1G: request -> MemTotal first grows", |s| {
@@ -98,8 +107,58 @@ trait Driver {
     fn round_trip(&mut self);
 }
 
-fn measure(d: &mut dyn Driver) -> Sample {
-    let mut s = Sample::default();
+/// Resident KiB of `pid` outside guest RAM: anonymous mappings that are adjacent are merged
+/// (advice such as `MADV_HUGEPAGE` on part of a mapping splits it), and merged ranges of 64 MiB
+/// or more are taken to be guest RAM.
+fn own_rss_kib(pid: u32) -> f64 {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    // (start, end, anonymous with these permissions, rss KiB) per mapping.
+    let mut maps: Vec<(u64, u64, Option<String>, u64)> = Vec::new();
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or("");
+        if let Some((start, end)) = first.split_once('-') {
+            if let (Ok(a), Ok(b)) = (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16)) {
+                // Header: range, perms, offset, dev, inode, [path].
+                let perms = words.next().unwrap_or("").to_string();
+                let anonymous = words.nth(3).is_none().then_some(perms);
+                maps.push((a, b, anonymous, 0));
+                continue;
+            }
+        }
+        if first == "Rss:" {
+            if let Some(m) = maps.last_mut() {
+                m.3 += words
+                    .next()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        }
+    }
+    let mut merged: Vec<(u64, u64, Option<String>, u64)> = Vec::new();
+    for m in maps {
+        match merged.last_mut() {
+            Some(last) if last.2.is_some() && last.2 == m.2 && last.1 == m.0 => {
+                last.1 = m.1;
+                last.3 += m.3;
+            }
+            _ => merged.push(m),
+        }
+    }
+    merged
+        .iter()
+        .filter(|m| m.1 - m.0 < 64 << 20)
+        .map(|m| m.3)
+        .sum::<u64>() as f64
+}
+
+fn measure(d: &mut dyn Driver, boot_ms: f64) -> Sample {
+    let mut s = Sample {
+        boot: boot_ms,
+        ..Sample::default()
+    };
+    let pid = d.vm().pid();
+    s.own_rss_kib = own_rss_kib(pid);
     start_loop(d.vm(), CPU_ADD_LOOP);
     let t0 = Instant::now();
     d.add_cpu();
@@ -141,20 +200,23 @@ struct Minivmm {
 }
 
 impl Minivmm {
-    fn boot(bin: &Path) -> Minivmm {
+    fn boot(bin: &Path) -> (Minivmm, f64) {
         let mut opts = VmOptions::elf()
             .cpus(&format!("boot=1,max={}", max_cpus()))
             .memory("size=512M,hotplug_size=2G")
             .control();
         opts.program = Some(bin.to_path_buf());
-        let mut vm = Vm::boot(opts);
+        let t0 = Instant::now();
+        let mut vm = Vm::start(opts);
+        vm.wait_ready();
+        let boot_ms = ms(t0.elapsed());
         let mut s = vm.control_connect();
         s.write_all(b"watch\n").expect("watch");
         let mut watch = BufReader::new(s);
         let mut line = String::new();
         watch.read_line(&mut line).expect("watch reply");
         assert!(line.starts_with("ok"), "watch: {line}");
-        Minivmm { vm, watch }
+        (Minivmm { vm, watch }, boot_ms)
     }
 }
 
@@ -198,7 +260,7 @@ struct Qemu {
 }
 
 impl Qemu {
-    fn boot() -> Qemu {
+    fn boot() -> (Qemu, f64) {
         let imgs = images();
         let qmp_path =
             std::env::temp_dir().join(format!("minivmm-latency-{}.qmp", std::process::id()));
@@ -237,7 +299,10 @@ impl Qemu {
         let mut opts = VmOptions::elf();
         opts.program = Some(PathBuf::from("qemu-system-x86_64"));
         opts.raw_args = Some(args);
-        let vm = Vm::boot(opts);
+        let t0 = Instant::now();
+        let mut vm = Vm::start(opts);
+        vm.wait_ready();
+        let boot_ms = ms(t0.elapsed());
         let stream = UnixStream::connect(&qmp_path).expect("connect to QMP");
         let mut qmp = BufReader::new(stream);
         let mut greeting = String::new();
@@ -248,7 +313,7 @@ impl Qemu {
             _qmp_path: qmp_path,
         };
         q.execute(r#"{"execute":"qmp_capabilities"}"#);
-        q
+        (q, boot_ms)
     }
 
     /// Sends one QMP command and returns its `return` line (events before it are skipped).
@@ -354,14 +419,20 @@ fn hotplug_latency_against_qemu() {
         }
         let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); names.len()];
         for round in 0..rounds {
-            let s = measure(&mut Minivmm::boot(&minivmm_bin()));
+            let (mut vmm, boot) = Minivmm::boot(&minivmm_bin());
+            let s = measure(&mut vmm, boot);
+            drop(vmm);
             println!("round {round}: minivmm {s:?}");
             samples[0].push(s);
-            let s = measure(&mut Qemu::boot());
+            let (mut vmm, boot) = Qemu::boot();
+            let s = measure(&mut vmm, boot);
+            drop(vmm);
             println!("round {round}: QEMU q35 {s:?}");
             samples[1].push(s);
             if let Some(bin) = &baseline {
-                let s = measure(&mut Minivmm::boot(bin));
+                let (mut vmm, boot) = Minivmm::boot(bin);
+                let s = measure(&mut vmm, boot);
+                drop(vmm);
                 println!("round {round}: baseline {s:?}");
                 samples[2].push(s);
             }

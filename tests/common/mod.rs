@@ -1027,6 +1027,11 @@ impl Vm {
         }
     }
 
+    /// The process id of minivmm (or of the program run instead).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Time since minivmm was spawned.
     pub fn elapsed(&self) -> Duration {
         self.started.elapsed()
