@@ -198,6 +198,7 @@ pub(crate) fn launch(config: VmConfig, hosting: Hosting) -> Result<Launched, Err
 
     let vcpu_filter = if config.seccomp {
         let filters = seccomp::compile_filters()?;
+        seccomp::fix_malloc_arenas();
         seccomp::install_sigsys_handler()?;
         seccomp::apply(&filters.vmm)?;
         Some(Arc::new(filters.vcpu))

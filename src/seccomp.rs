@@ -122,6 +122,23 @@ extern "C" fn sigsys_handler(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut
 /// Exit code after a seccomp violation.
 pub const SECCOMP_EXIT_CODE: i32 = 159;
 
+/// Fixes glibc's number of malloc arenas before any filter goes on. glibc otherwise computes
+/// its arena limit lazily, the first time a ninth thread allocates, by opening
+/// `/sys/devices/system/cpu/online`; under the filters that `openat` is forbidden and kills
+/// minivmm (a VM hot-adding its eighth vCPU did). With a fixed limit glibc never looks. A
+/// process-wide setting: an embedder's other threads share these arenas.
+pub fn fix_malloc_arenas() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets an allocator parameter; it is thread-safe.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS);
+    }
+}
+
+/// glibc malloc arenas with the filters on: its own default limit for a 1-core machine.
+#[cfg(target_env = "gnu")]
+const MALLOC_ARENAS: libc::c_int = 8;
+
 /// Installs the SIGSYS handler that reports a filter violation.
 pub fn install_sigsys_handler() -> Result<(), SeccompError> {
     // SAFETY: a zeroed sigaction is a valid starting point; we fill handler, flags and an empty

@@ -870,3 +870,26 @@ fn a_refused_lstar_write_is_a_guest_fault_not_a_vmm_one() {
     );
     assert_eq!(r.code, 2, "stderr: {}", r.stderr);
 }
+
+#[test]
+fn many_vcpus_at_boot_and_hot_added_under_seccomp() {
+    // Twelve boot vCPUs, then 64: more threads than glibc allocates malloc arenas for before it
+    // counts the CPUs by opening a sysfs file, which the filters forbid.
+    let vm = Controlled::start_with(
+        "many-vcpus",
+        HALT_FOREVER,
+        &["--cpus", "boot=12,max=64", "--memory", "size=64M"],
+    );
+    let mut c = vm.connect();
+    assert_eq!(field(&c.ask("info"), "cpus"), "12");
+    let reply = c.ask("resize cpus=64");
+    assert!(reply.starts_with("ok cpus=64"), "{reply}");
+    let info = c.ask("info");
+    assert_eq!(
+        (field(&info, "state"), field(&info, "cpus")),
+        ("running", "64"),
+        "{info}"
+    );
+    assert!(c.ask("shutdown").starts_with("ok"));
+    assert_eq!(vm.wait(), 0);
+}
