@@ -1,5 +1,5 @@
-//! The KVM virtual machine: VM fd, in-kernel irqchip (and optional PIT), guest memory slots, irqfds and
-//! vCPU creation. Nothing here knows about devices or the guest's boot.
+//! The KVM virtual machine: VM fd, guest memory slots, in-kernel irqchip (and optional PIT),
+//! irqfds and vCPU creation. Nothing here knows about devices or the guest's boot.
 
 use std::sync::Arc;
 
@@ -11,11 +11,10 @@ use kvm_ioctls::{
     Cap, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuFd, VmFd,
 };
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
-
-use crate::ram::HostMapping;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::{cpuid, layout, msr, regs};
+use crate::ram::{self, HostMapping};
 
 /// VM-level errors; each names the failing operation.
 #[derive(Debug, thiserror::Error)]
@@ -205,7 +204,7 @@ impl Vm {
         // tables) stay in small pages, so a tiny guest does not pay a whole huge page for them.
         let huge_from = self
             .huge_pages
-            .then_some(if addr.0 == 0 { crate::ram::ALIGN } else { 0 });
+            .then_some(if addr.0 == 0 { ram::ALIGN } else { 0 });
         let mapping = HostMapping::new(len, huge_from).map_err(|e| err(e.to_string()))?;
         let region = GuestRegionMmap::new(mapping.region().map_err(|e| err(e.to_string()))?, addr)
             .ok_or_else(|| err("address overflow".into()))?;
