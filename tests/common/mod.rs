@@ -659,7 +659,7 @@ fn run_emulated(name: &str) {
 
         let deadline = start + L1_TIMEOUT;
         let (mut seen, mut last_output) = (0, Instant::now());
-        let mut froze = false;
+        let (mut froze, mut lockup) = (false, false);
         let status = loop {
             match child.try_wait() {
                 Ok(Some(st)) => break Some(st),
@@ -672,8 +672,12 @@ fn run_emulated(name: &str) {
                     thread::sleep(Duration::from_millis(100));
                     if console.len() != seen {
                         (seen, last_output) = (console.len(), Instant::now());
+                        // An L1 soft lockup keeps printing, so it is not silence; it is a frozen
+                        // host all the same (seen: "soft lockup - CPU#1 stuck [swapper/1:0]" as a
+                        // VM started).
+                        lockup = console.text().contains("BUG: soft lockup");
                     }
-                    froze = last_output.elapsed() >= L1_SILENCE_LIMIT;
+                    froze = last_output.elapsed() >= L1_SILENCE_LIMIT || lockup;
                 }
                 Err(e) => panic!("waiting for qemu: {e}"),
             }
@@ -701,7 +705,8 @@ fn run_emulated(name: &str) {
         let result = parse_l1_result(&text);
         let problem = match (status, result) {
             (None, _) if froze => Some(format!(
-                "the emulated test host froze (no console output for {}s; killed)",
+                "the emulated test host froze (an L1 soft lockup, or no console output for {}s; \
+                 killed)",
                 L1_SILENCE_LIMIT.as_secs()
             )),
             (None, _) => Some(format!(
