@@ -44,6 +44,7 @@ struct Sample {
     boot: f64,
     own_rss_kib: f64,
     cpu_visible: f64,
+    cpu_online: f64,
     mem_reply: f64,
     mem_first: f64,
     mem_full: f64,
@@ -55,12 +56,15 @@ struct Sample {
 /// A figure's name and how to read it from a sample.
 type Figure = (&'static str, fn(&Sample) -> f64);
 
-const FIGURES: [Figure; 9] = [
+const FIGURES: [Figure; 10] = [
     ("start -> guest shell ready", |s| s.boot),
     ("own RSS after boot, KiB (guest RAM excluded)", |s| {
         s.own_rss_kib
     }),
     ("CPU hot-add: request -> cpu1 in sysfs", |s| s.cpu_visible),
+    ("CPU online: guest writes cpu1/online -> done", |s| {
+        s.cpu_online
+    }),
     ("memory +1G: request -> VMM's reply", |s| s.mem_reply),
     ("memory +1G: request -> MemTotal first grows", |s| {
         s.mem_first
@@ -88,10 +92,14 @@ fn start_loop(vm: &mut Vm, script: &str) {
     vm.wait_for("LOOP-STARTED", STEP_TIMEOUT);
 }
 
-/// The guest script that waits for MemTotal to change and then to grow by 1 GiB.
-const MEM_LOOP: &str = "read -r k base u < /proc/meminfo; t=$((base + 1048576 - 16384)); \
-     while read -r k v u < /proc/meminfo; [ $v = $base ]; do :; done; echo MEM''-FIRST; \
-     while read -r k v u < /proc/meminfo; [ $v -lt $t ]; do :; done; echo MEM''-FULL";
+/// The guest script that waits for MemTotal to change and then to grow by `kib` (less 16 MiB).
+fn mem_loop(kib: u64) -> String {
+    format!(
+        "read -r k base u < /proc/meminfo; t=$((base + {kib} - 16384)); \
+         while read -r k v u < /proc/meminfo; [ $v = $base ]; do :; done; echo MEM''-FIRST; \
+         while read -r k v u < /proc/meminfo; [ $v -lt $t ]; do :; done; echo MEM''-FULL"
+    )
+}
 const CPU_ADD_LOOP: &str =
     "while [ ! -e /sys/devices/system/cpu/cpu1 ]; do :; done; echo CPU1''-HERE";
 const CPU_GONE_LOOP: &str =
@@ -100,8 +108,10 @@ const CPU_GONE_LOOP: &str =
 /// What differs between the VMMs: how a request is sent and how the eject is seen.
 trait Driver {
     fn vm(&mut self) -> &mut Vm;
-    fn add_cpu(&mut self);
-    fn add_memory(&mut self);
+    /// Asks for `n` vCPUs in all (from 1): one request where the VMM takes one.
+    fn add_cpus(&mut self, n: u32);
+    /// Adds `steps` blocks of `mib` MiB, one request (or DIMM) per block.
+    fn add_memory_steps(&mut self, steps: u32, mib: u32);
     /// Asks for the removal and returns when the VMM reports the eject done.
     fn remove_cpu_and_wait_eject(&mut self) -> Instant;
     fn round_trip(&mut self);
@@ -161,14 +171,21 @@ fn measure(d: &mut dyn Driver, boot_ms: f64) -> Sample {
     s.own_rss_kib = own_rss_kib(pid);
     start_loop(d.vm(), CPU_ADD_LOOP);
     let t0 = Instant::now();
-    d.add_cpu();
+    d.add_cpus(2);
     d.vm().wait_for("CPU1-HERE", STEP_TIMEOUT);
     s.cpu_visible = ms(t0.elapsed());
-    // The CPU stays offline (minivmm and QEMU alike: no udev rule in the test guest).
-
-    start_loop(d.vm(), MEM_LOOP);
+    // Onlined by the guest (no udev rule in the test guest does it); timed from the loop start.
+    start_loop(
+        d.vm(),
+        "echo 1 > /sys/devices/system/cpu/cpu1/online; echo CPU1''-ONLINE",
+    );
     let t0 = Instant::now();
-    d.add_memory();
+    d.vm().wait_for("CPU1-ONLINE", STEP_TIMEOUT);
+    s.cpu_online = ms(t0.elapsed());
+
+    start_loop(d.vm(), &mem_loop(1 << 20));
+    let t0 = Instant::now();
+    d.add_memory_steps(1, 1024);
     s.mem_reply = ms(t0.elapsed());
     d.vm().wait_for("MEM-FIRST", STEP_TIMEOUT);
     s.mem_first = ms(t0.elapsed());
@@ -201,8 +218,12 @@ struct Minivmm {
 
 impl Minivmm {
     fn boot(bin: &Path) -> (Minivmm, f64) {
+        Self::boot_with(bin, max_cpus())
+    }
+
+    fn boot_with(bin: &Path, max_cpus: u32) -> (Minivmm, f64) {
         let mut opts = VmOptions::elf()
-            .cpus(&format!("boot=1,max={}", max_cpus()))
+            .cpus(&format!("boot=1,max={max_cpus}"))
             .memory("size=512M,hotplug_size=2G")
             .control();
         opts.program = Some(bin.to_path_buf());
@@ -224,13 +245,15 @@ impl Driver for Minivmm {
     fn vm(&mut self) -> &mut Vm {
         &mut self.vm
     }
-    fn add_cpu(&mut self) {
-        let r = self.vm.control("resize cpus=2");
+    fn add_cpus(&mut self, n: u32) {
+        let r = self.vm.control(&format!("resize cpus={n}"));
         assert!(r.starts_with("ok"), "{r}");
     }
-    fn add_memory(&mut self) {
-        let r = self.vm.control("resize mem=1536M");
-        assert!(r.starts_with("ok"), "{r}");
+    fn add_memory_steps(&mut self, steps: u32, mib: u32) {
+        for i in 1..=steps {
+            let r = self.vm.control(&format!("resize mem={}M", 512 + i * mib));
+            assert!(r.starts_with("ok"), "{r}");
+        }
     }
     fn remove_cpu_and_wait_eject(&mut self) -> Instant {
         let r = self.vm.control("resize cpus=1");
@@ -260,7 +283,11 @@ struct Qemu {
 }
 
 impl Qemu {
-    fn boot() -> (Qemu, f64) {
+    fn boot(dimm_slots: u32) -> (Qemu, f64) {
+        Self::boot_with(dimm_slots, max_cpus())
+    }
+
+    fn boot_with(dimm_slots: u32, max_cpus: u32) -> (Qemu, f64) {
         let imgs = images();
         let qmp_path =
             std::env::temp_dir().join(format!("minivmm-latency-{}.qmp", std::process::id()));
@@ -271,8 +298,6 @@ impl Qemu {
             "q35,accel=kvm",
             "-cpu",
             "host",
-            "-m",
-            "512M,slots=2,maxmem=2560M",
             "-nodefaults",
             "-no-user-config",
             "-display",
@@ -284,8 +309,10 @@ impl Qemu {
         .iter()
         .map(|s| s.to_string())
         .chain([
+            "-m".to_string(),
+            format!("512M,slots={dimm_slots},maxmem=2560M"),
             "-smp".to_string(),
-            format!("1,maxcpus={}", max_cpus()),
+            format!("1,maxcpus={max_cpus}"),
             "-qmp".to_string(),
             format!("unix:{},server=on,wait=off", qmp_path.display()),
             "-kernel".to_string(),
@@ -346,18 +373,24 @@ impl Driver for Qemu {
     fn vm(&mut self) -> &mut Vm {
         &mut self.vm
     }
-    fn add_cpu(&mut self) {
-        self.execute(
-            r#"{"execute":"device_add","arguments":{"driver":"host-x86_64-cpu","id":"cpu1","socket-id":0,"core-id":1,"thread-id":0}}"#,
-        );
+    fn add_cpus(&mut self, n: u32) {
+        // QEMU adds one CPU per device_add.
+        for core in 1..n {
+            self.execute(&format!(
+                r#"{{"execute":"device_add","arguments":{{"driver":"host-x86_64-cpu","id":"cpu{core}","socket-id":0,"core-id":{core},"thread-id":0}}}}"#
+            ));
+        }
     }
-    fn add_memory(&mut self) {
-        self.execute(
-            r#"{"execute":"object-add","arguments":{"qom-type":"memory-backend-ram","id":"mem1","size":1073741824}}"#,
-        );
-        self.execute(
-            r#"{"execute":"device_add","arguments":{"driver":"pc-dimm","id":"dimm1","memdev":"mem1"}}"#,
-        );
+    fn add_memory_steps(&mut self, steps: u32, mib: u32) {
+        for i in 1..=steps {
+            self.execute(&format!(
+                r#"{{"execute":"object-add","arguments":{{"qom-type":"memory-backend-ram","id":"mem{i}","size":{}}}}}"#,
+                u64::from(mib) << 20
+            ));
+            self.execute(&format!(
+                r#"{{"execute":"device_add","arguments":{{"driver":"pc-dimm","id":"dimm{i}","memdev":"mem{i}"}}}}"#
+            ));
+        }
     }
     fn remove_cpu_and_wait_eject(&mut self) -> Instant {
         self.execute(r#"{"execute":"device_del","arguments":{"id":"cpu1"}}"#);
@@ -424,7 +457,7 @@ fn hotplug_latency_against_qemu() {
             drop(vmm);
             println!("round {round}: minivmm {s:?}");
             samples[0].push(s);
-            let (mut vmm, boot) = Qemu::boot();
+            let (mut vmm, boot) = Qemu::boot(2);
             let s = measure(&mut vmm, boot);
             drop(vmm);
             println!("round {round}: QEMU q35 {s:?}");
@@ -438,5 +471,76 @@ fn hotplug_latency_against_qemu() {
             }
         }
         table(&names, &samples);
+    });
+}
+
+/// A scale figure's name and how to read it from (cpus ms, memory ms).
+type ScaleFigure = (&'static str, fn(&(f64, f64)) -> f64);
+
+/// Scale: 1 -> 32 vCPUs (one request for minivmm, 31 `device_add`s for QEMU) until the guest
+/// sees cpu31, and 16 memory steps of 128 MiB (16 requests / DIMMs) until MemTotal is 2 GiB up.
+fn measure_scale(d: &mut dyn Driver) -> (f64, f64) {
+    start_loop(
+        d.vm(),
+        "while [ ! -e /sys/devices/system/cpu/cpu31 ]; do :; done; echo CPU31''-HERE",
+    );
+    let t0 = Instant::now();
+    d.add_cpus(32);
+    d.vm().wait_for("CPU31-HERE", STEP_TIMEOUT);
+    let cpus = ms(t0.elapsed());
+    start_loop(d.vm(), &mem_loop(2 << 20));
+    let t0 = Instant::now();
+    d.add_memory_steps(16, 128);
+    d.vm().wait_for("MEM-FULL", STEP_TIMEOUT);
+    (cpus, ms(t0.elapsed()))
+}
+
+#[test]
+#[ignore = "benchmark: cargo test --release --test latency -- --ignored --nocapture"]
+fn hotplug_scale_against_qemu() {
+    run_in_test_host("hotplug_scale_against_qemu", || {
+        let rounds: usize = std::env::var("MINIVMM_BENCH_ROUNDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(3);
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        for round in 0..rounds {
+            let (mut vmm, _) = Minivmm::boot_with(&minivmm_bin(), 32);
+            let s = measure_scale(&mut vmm);
+            drop(vmm);
+            println!("round {round}: minivmm {s:?}");
+            ours.push(s);
+            let (mut vmm, _) = Qemu::boot_with(16, 32);
+            let s = measure_scale(&mut vmm);
+            drop(vmm);
+            println!("round {round}: QEMU q35 {s:?}");
+            theirs.push(s);
+        }
+        println!();
+        println!(
+            "| ms, min / median / max | minivmm | QEMU q35 | minivmm / QEMU (median of pairs) |"
+        );
+        println!("|---|---|---|---|");
+        let rows: [ScaleFigure; 2] = [
+            ("1 -> 32 vCPUs: request -> cpu31 in sysfs", |s| s.0),
+            ("16 x 128 MiB: first request -> MemTotal +2 GiB", |s| s.1),
+        ];
+        for (what, f) in rows {
+            let mut a: Vec<f64> = ours.iter().map(f).collect();
+            let mut b: Vec<f64> = theirs.iter().map(f).collect();
+            let mut r: Vec<f64> = ours.iter().zip(&theirs).map(|(x, y)| f(x) / f(y)).collect();
+            let ratio = median(&mut r);
+            a.sort_by(f64::total_cmp);
+            b.sort_by(f64::total_cmp);
+            println!(
+                "| {what} | {:.0} / {:.0} / {:.0} | {:.0} / {:.0} / {:.0} | {ratio:.2} |",
+                a[0],
+                a[a.len() / 2],
+                a[a.len() - 1],
+                b[0],
+                b[b.len() / 2],
+                b[b.len() - 1]
+            );
+        }
     });
 }
