@@ -159,6 +159,63 @@ pub fn install_sigsys_handler() -> Result<(), SeccompError> {
 mod tests {
     use super::*;
 
+    /// Set in the child process of [`the_vmm_filter_refuses_a_kvm_ioctl_it_does_not_list`].
+    const PROBE_ENV: &str = "MINIVMM_SECCOMP_PROBE";
+
+    /// In the child: installs the main thread's filter, makes a listed KVM ioctl and then one
+    /// the filter does not list. Only the first may return.
+    fn probe_child() {
+        use std::io::Write;
+        use std::os::fd::AsRawFd;
+        let kvm = std::fs::File::open("/dev/kvm").expect("/dev/kvm is needed for this test");
+        let filters = compile_filters().expect("filters compile");
+        apply(&filters.vmm).expect("install the filter");
+        // KVM_CHECK_EXTENSION(KVM_CAP_IRQCHIP): listed.
+        // SAFETY: an ioctl with an integer argument on our own /dev/kvm fd.
+        let r = unsafe { libc::ioctl(kvm.as_raw_fd(), 0xae03, 0) };
+        println!("probe: listed ioctl returned {r}");
+        let _ = std::io::stdout().flush();
+        // KVM_GET_MSR_FEATURE_INDEX_LIST: not listed (minivmm never needs it).
+        let mut list = [0u32; 64];
+        // SAFETY: `list` is a writable buffer larger than the header the ioctl reads and writes.
+        let r = unsafe { libc::ioctl(kvm.as_raw_fd(), 0xc004ae0a, list.as_mut_ptr()) };
+        println!("probe: unlisted ioctl was NOT refused ({r})");
+        let _ = std::io::stdout().flush();
+        std::process::exit(0);
+    }
+
+    #[test]
+    fn the_vmm_filter_refuses_a_kvm_ioctl_it_does_not_list() {
+        use std::os::unix::process::ExitStatusExt;
+        if std::env::var_os(PROBE_ENV).is_some() {
+            probe_child();
+        }
+        // The filter goes on a child process (it cannot be taken off again), this test binary
+        // re-run for this test alone.
+        let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args([
+                "--exact",
+                "seccomp::tests::the_vmm_filter_refuses_a_kvm_ioctl_it_does_not_list",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(PROBE_ENV, "1")
+            .output()
+            .expect("run the probe");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains("probe: listed ioctl returned 1"),
+            "the listed ioctl did not run: {stdout}"
+        );
+        assert!(!stdout.contains("NOT refused"), "{stdout}");
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGSYS),
+            "the probe must die by SIGSYS: {:?}\n{stdout}",
+            out.status
+        );
+    }
+
     #[test]
     fn filters_compile() {
         let f = compile_filters().expect("filters compile");
@@ -181,6 +238,28 @@ mod tests {
             assert!(
                 vmm.contains(&s),
                 "{s} is allowed for vCPUs but not for the VMM thread"
+            );
+        }
+        // The same for the ioctl numbers, which both filters list one by one.
+        let ioctls = |json: &str| -> Vec<String> {
+            json.split("\"syscall\": \"ioctl\"")
+                .skip(1)
+                .filter_map(|s| {
+                    let v = s.split("\"val\":").nth(1)?;
+                    Some(v.trim_start().split(',').next()?.trim().to_string())
+                })
+                .collect()
+        };
+        let vmm = ioctls(VMM_FILTER_JSON);
+        let vcpu = ioctls(VCPU_FILTER_JSON);
+        assert!(
+            vcpu.len() >= 4 && vmm.len() > vcpu.len(),
+            "{vcpu:?} {vmm:?}"
+        );
+        for v in vcpu {
+            assert!(
+                vmm.contains(&v),
+                "ioctl {v} is allowed for vCPUs but not for the VMM thread"
             );
         }
     }
