@@ -451,6 +451,59 @@ fn cpu_controller() -> Vec<u8> {
     ))
 }
 
+/// The `Cnnn` devices of CPUs `0..max`. From CPU 2 on, devices differ only in the CPU number
+/// (two name digits, the index constants, the `_MAT` bytes), each encoded at the same width, so
+/// they are copies of one built device with those bytes replaced: building 252 devices through
+/// acpi_tables took about 1 ms, most of minivmm's start-up at `max=254`. Positions are found by
+/// building two devices whose numbers differ in every digit; anything unexpected falls back to
+/// building each device (a test compares both ways for every CPU).
+fn cpu_devices(max: u8) -> Vec<u8> {
+    let mut out: Vec<u8> = (0..max.min(2)).flat_map(cpu_device).collect();
+    if max <= 2 {
+        return out;
+    }
+    let (ta, slots) = cpu_device_template();
+    let Some(slots) = slots else {
+        out.extend((2..max).flat_map(cpu_device));
+        return out;
+    };
+    for cpu in 2..max {
+        let name = cpu_device_name(cpu).into_bytes();
+        let start = out.len();
+        out.extend_from_slice(&ta);
+        for &(i, what) in &slots {
+            out[start + i] = match what {
+                0 => cpu,
+                1 => name[2],
+                _ => name[3],
+            };
+        }
+    }
+    out
+}
+
+/// A CPU device to copy (CPU 0x12's) and its variable bytes: (offset, 0 = the CPU number,
+/// 1 = the middle name digit, 2 = the last), or None if the two probes differ unexpectedly.
+fn cpu_device_template() -> (Vec<u8>, Option<Vec<(usize, u8)>>) {
+    let (ta, tb) = (cpu_device(0x12), cpu_device(0x21));
+    let slots = (ta.len() == tb.len())
+        .then(|| {
+            ta.iter()
+                .zip(&tb)
+                .enumerate()
+                .filter(|(_, (x, y))| x != y)
+                .map(|(i, pair)| match pair {
+                    (0x12, 0x21) => Some((i, 0)),
+                    (b'1', b'2') => Some((i, 1)),
+                    (b'2', b'1') => Some((i, 2)),
+                    _ => None,
+                })
+                .collect()
+        })
+        .flatten();
+    (ta, slots)
+}
+
 /// The per-CPU device `Cnnn`.
 fn cpu_device(cpu: u8) -> Vec<u8> {
     let index = u64::from(cpu);
@@ -527,7 +580,7 @@ fn cpu_container(max_cpus: u8) -> Vec<u8> {
             &aml::Release::new(CPLK.into()),
         ],
     )));
-    let devices = RawAml((0..max_cpus).flat_map(cpu_device).collect());
+    let devices = RawAml(cpu_devices(max_cpus));
     aml_bytes(&aml::Device::new(
         "CPUS".into(),
         vec![
@@ -730,6 +783,18 @@ pub(super) fn build(max_cpus: u8, memory_slots: usize, pvpanic_device: bool) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn patched_cpu_devices_equal_built_ones() {
+        // The template is used: two name digits, _UID, _STA, _EJ0 and _OST arguments, and the
+        // UID and APIC ID bytes of _MAT vary.
+        let slots = cpu_device_template().1.expect("a usable template");
+        assert_eq!(slots.len(), 8, "{slots:?}");
+        for max in [1u8, 2, 3, 17, 33, 254] {
+            let built: Vec<u8> = (0..max).flat_map(cpu_device).collect();
+            assert_eq!(cpu_devices(max), built, "max {max}");
+        }
+    }
 
     fn contains(haystack: &[u8], needle: &[u8]) -> bool {
         haystack.windows(needle.len()).any(|w| w == needle)
