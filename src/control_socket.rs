@@ -5,10 +5,11 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::time::Instant;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
@@ -24,6 +25,10 @@ const TOKEN_FD: u64 = 1;
 const TOKEN_CLIENT_BASE: u64 = 2;
 /// Replies a client may leave unread before it is disconnected.
 const MAX_PENDING_OUTPUT: usize = 64 << 10;
+/// Most control connections open at once. A new connection beyond it closes the connection that
+/// has been quiet longest (a `watch` client only if every one is watching), so idle or
+/// half-written connections can never lock out a working client; each costs two fds.
+pub const MAX_CLIENTS: usize = 64;
 
 /// Control transport errors.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +59,8 @@ struct Conn {
     eof: bool,
     /// The client sent `watch`: event lines are queued for it.
     watching: bool,
+    /// When the client last sent something (or connected).
+    last_active: Instant,
 }
 
 impl Conn {
@@ -65,6 +72,7 @@ impl Conn {
             pending: Vec::new(),
             eof: false,
             watching: false,
+            last_active: Instant::now(),
         }
     }
 }
@@ -77,6 +85,11 @@ pub struct ControlServer {
     next_token: u64,
     /// Added to every id on epoll (set by `register`).
     base: u64,
+    /// A spare descriptor, given up to accept (and close) one connection when the process is
+    /// out of descriptors, so the listener does not stay readable and spin the loop.
+    reserve: Option<File>,
+    /// Connections are being shed for lack of descriptors (logged once per episode).
+    shedding: bool,
 }
 
 fn take_fd(fd: RawFd) -> Result<File, ControlSocketError> {
@@ -98,6 +111,8 @@ impl ControlServer {
             clients: HashMap::new(),
             next_token: TOKEN_CLIENT_BASE,
             base: 0,
+            reserve: None,
+            shedding: false,
         };
         match endpoint {
             ControlEndpoint::Socket(path) => {
@@ -112,6 +127,7 @@ impl ControlServer {
                 listener
                     .set_nonblocking(true)
                     .map_err(ControlSocketError::Io)?;
+                server.reserve = Some(spare_fd(&listener).map_err(ControlSocketError::Io)?);
                 server.listener = Some((listener, path.clone()));
             }
             ControlEndpoint::Fd { read, write } => {
@@ -244,9 +260,31 @@ impl ControlServer {
         let mut accepted = Vec::new();
         loop {
             match listener.accept() {
-                Ok((stream, _)) => accepted.push(stream),
+                Ok((stream, _)) => {
+                    self.shedding = false;
+                    accepted.push(stream);
+                }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    // Out of descriptors: shed the waiting connection with the spare one, else
+                    // the listener stays readable and the loop spins.
+                    if !self.shedding {
+                        log::warn!(
+                            "control: out of file descriptors ({e}); closing new connections until some are free"
+                        );
+                        self.shedding = true;
+                    }
+                    // (accept reports EMFILE before it looks at the queue, so the queue may be
+                    // empty: stop when the shed accept finds nothing.)
+                    self.reserve = None;
+                    // The shed connection is closed at the end of this statement.
+                    let shed_one = listener.accept().is_ok();
+                    self.reserve = spare_fd(listener).ok();
+                    if !shed_one || self.reserve.is_none() {
+                        break;
+                    }
+                }
                 Err(e) => {
                     log::warn!("control: accept: {e}");
                     break;
@@ -254,10 +292,47 @@ impl ControlServer {
             }
         }
         for stream in accepted {
+            if self.clients.len() >= MAX_CLIENTS && !self.evict_one(epoll) {
+                let mut stream = stream;
+                let _ = stream.set_nonblocking(true);
+                let _ = stream.write_all(
+                    format!(
+                        "error {MAX_CLIENTS} control connections are open and all of them are watching; try again later\n"
+                    )
+                    .as_bytes(),
+                );
+                continue;
+            }
             if let Err(e) = self.add_client(epoll, stream) {
                 log::warn!("control: dropping a client: {e}");
             }
         }
+    }
+
+    /// Closes the connection that has been quiet longest, preferring ones that are not watching;
+    /// false if every connection is watching.
+    fn evict_one(&mut self, epoll: &Epoll) -> bool {
+        let quietest = self
+            .clients
+            .iter()
+            .filter(|(_, c)| !c.watching)
+            .min_by_key(|(_, c)| c.last_active)
+            .map(|(t, _)| *t);
+        let Some(token) = quietest else {
+            return false;
+        };
+        log::info!("control: {MAX_CLIENTS} connections open; closing the one quiet longest");
+        if let Some(conn) = self.clients.get_mut(&token) {
+            conn.pending.extend_from_slice(
+                format!(
+                    "error closed: {MAX_CLIENTS} control connections were open and this one was the quietest\n"
+                )
+                .as_bytes(),
+            );
+            flush(conn);
+        }
+        self.close(epoll, token);
+        true
     }
 
     fn add_client(&mut self, epoll: &Epoll, stream: UnixStream) -> std::io::Result<()> {
@@ -306,12 +381,20 @@ fn add(epoll: &Epoll, fd: RawFd, token: u64) -> std::io::Result<()> {
     )
 }
 
+/// A spare descriptor (a duplicate of `listener`'s), held so one can be freed when the process
+/// runs out.
+fn spare_fd(listener: &UnixListener) -> std::io::Result<File> {
+    let fd = listener.as_fd().try_clone_to_owned()?;
+    Ok(File::from(fd))
+}
+
 /// Reads what is available, answers every complete line.
 fn serve(conn: &mut Conn, target: &mut dyn ControlTarget) {
     let mut buf = [0u8; MAX_LINE];
     match conn.input.read(&mut buf) {
         Ok(0) => conn.eof = true,
         Ok(n) => {
+            conn.last_active = Instant::now();
             for line in conn.lines.push(&buf[..n]) {
                 let reply = handle(&line, target);
                 conn.pending.extend_from_slice(reply.line.as_bytes());

@@ -194,21 +194,41 @@ impl Controlled {
     }
 
     fn start_with(name: &str, code: &[u8], args: &[&str]) -> Self {
+        Self::start_limited(name, code, args, None)
+    }
+
+    /// Like [`Controlled::start_with`], with at most `nofile` open descriptors (RLIMIT_NOFILE).
+    fn start_limited(name: &str, code: &[u8], args: &[&str], nofile: Option<u64>) -> Self {
+        use std::os::unix::process::CommandExt;
         require_kvm();
         let sock = temp_path(&format!("{name}.sock"));
         let kernel = temp_path(&format!("{name}.elf"));
         std::fs::write(&kernel, pvh_elf(code)).expect("write guest");
-        let child = Command::new(env!("CARGO_BIN_EXE_minivmm"))
-            .arg("--kernel")
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_minivmm"));
+        cmd.arg("--kernel")
             .arg(&kernel)
             .args(args)
             .arg("--control")
             .arg(&sock)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn minivmm");
+            .stderr(Stdio::piped());
+        if let Some(n) = nofile {
+            let limit = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            // SAFETY: setrlimit is async-signal-safe and touches only the child being started.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd.spawn().expect("spawn minivmm");
         Controlled { child, sock }
     }
 
@@ -890,6 +910,142 @@ fn many_vcpus_at_boot_and_hot_added_under_seccomp() {
         ("running", "64"),
         "{info}"
     );
+    assert!(c.ask("shutdown").starts_with("ok"));
+    assert_eq!(vm.wait(), 0);
+}
+
+/// Open descriptors of process `pid`.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// User plus system CPU time of process `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    field(11) + field(12)
+}
+
+/// The most control connections minivmm keeps open (src/control_socket.rs).
+const MAX_CONTROL_CLIENTS: usize = 64;
+
+#[test]
+fn control_floods_slow_and_greedy_clients_leave_the_vm_and_others_unaffected() {
+    let vm = Controlled::start_with(
+        "flood",
+        HALT_FOREVER,
+        &["--cpus", "boot=1,max=2", "--memory", "size=64M"],
+    );
+    let pid = vm.child.id();
+    let mut probe = vm.connect();
+    assert!(probe.ask("info").starts_with("ok"));
+    let base = open_fds(pid);
+
+    // Far more connections, one after the other, than any descriptor limit would allow if
+    // they leaked.
+    for i in 0..3000 {
+        let mut c = vm.connect();
+        let reply = c.ask("info");
+        assert!(
+            reply.starts_with("ok state=running"),
+            "connection {i}: {reply}"
+        );
+    }
+    assert!(probe.ask("info").starts_with("ok"));
+    let after = open_fds(pid);
+    assert!(
+        after <= base + 4,
+        "descriptors {base} -> {after} after 3000 connections"
+    );
+
+    // Idle and half-written (slowloris) connections, beyond the cap: the quietest are closed,
+    // with a reason, and a working client is served.
+    let mut held: Vec<std::os::unix::net::UnixStream> = (0..MAX_CONTROL_CLIENTS + 36)
+        .map(|i| {
+            let mut s = vm.connect().0;
+            if i % 2 == 0 {
+                s.write_all(b"inf").expect("partial line");
+            }
+            s
+        })
+        .collect();
+    let mut worker = vm.connect();
+    assert!(worker.ask("info").starts_with("ok state=running"));
+    let fds = open_fds(pid);
+    assert!(
+        fds <= base + 2 * MAX_CONTROL_CLIENTS + 4,
+        "{fds} descriptors with {} connections held (base {base})",
+        held.len()
+    );
+    let mut reason = String::new();
+    held[0]
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let _ = held[0].read_to_string(&mut reason);
+    assert!(
+        reason.contains("quietest"),
+        "the first held connection got {reason:?}"
+    );
+
+    // A client that never reads its replies is disconnected once 64 KiB are queued.
+    let mut greedy = vm.connect();
+    for _ in 0..3000 {
+        if greedy.0.write_all(b"info\n").is_err() {
+            break;
+        }
+    }
+    assert!(worker.ask("info").starts_with("ok state=running"));
+    let mut got = Vec::new();
+    let _ = greedy.0.read_to_end(&mut got);
+    assert!(
+        got.len() < 3000 * 200,
+        "the greedy client got every reply ({} bytes)",
+        got.len()
+    );
+    assert!(worker.ask("resize cpus=2").starts_with("ok cpus=2"));
+    held.clear();
+    assert!(worker.ask("shutdown").starts_with("ok"));
+    assert_eq!(vm.wait(), 0);
+}
+
+#[test]
+fn out_of_descriptors_the_control_socket_sheds_connections_without_spinning() {
+    let vm = Controlled::start_limited(
+        "nofile",
+        HALT_FOREVER,
+        &["--cpus", "boot=1,max=2", "--memory", "size=64M"],
+        Some(40),
+    );
+    let pid = vm.child.id();
+    let mut first = vm.connect();
+    assert!(first.ask("info").starts_with("ok"));
+    // More connections than the 40 descriptors allow (each accepted one takes two).
+    let held: Vec<_> = (0..60).map(|_| vm.connect()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(1));
+    let spent = cpu_ticks(pid) - t0;
+    assert!(
+        spent < 50,
+        "minivmm used {spent} ticks of CPU in 1 s while out of descriptors"
+    );
+    drop(held);
+    std::thread::sleep(Duration::from_millis(200));
+    // Descriptors are free again: the VM still grows, a new client is served.
+    let mut c = vm.connect();
+    let reply = c.ask("resize cpus=2");
+    assert!(reply.starts_with("ok cpus=2"), "{reply}");
+    assert!(first.ask("info").starts_with("ok state=running"));
     assert!(c.ask("shutdown").starts_with("ok"));
     assert_eq!(vm.wait(), 0);
 }
