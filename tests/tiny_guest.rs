@@ -12,8 +12,8 @@ mod tiny;
 
 use tiny::{
     echo_until_bang, out_byte, out_byte_then_halt, out_word_then_halt, print_then, pvh_elf,
-    CF9_RESET, HALT_FOREVER, KBD_RESET, LSTAR_NON_CANONICAL, LSTAR_ROUND_TRIP, POWER_OFF, RESET,
-    TRIPLE_FAULT,
+    CF9_RESET, HALT_FOREVER, HOSTILE, KBD_RESET, LSTAR_NON_CANONICAL, LSTAR_ROUND_TRIP, POWER_OFF,
+    RESET, TRIPLE_FAULT,
 };
 
 fn temp_path(name: &str) -> PathBuf {
@@ -1048,4 +1048,61 @@ fn out_of_descriptors_the_control_socket_sheds_connections_without_spinning() {
     assert!(first.ask("info").starts_with("ok state=running"));
     assert!(c.ask("shutdown").starts_with("ok"));
     assert_eq!(vm.wait(), 0);
+}
+
+#[test]
+fn a_hostile_guest_cannot_crash_or_stall_minivmm() {
+    let mut vm = Controlled::start_with(
+        "hostile",
+        HOSTILE,
+        &[
+            "--cpus",
+            "boot=1,max=4",
+            "--memory",
+            "size=64M,hotplug_size=512M",
+            "--pvpanic",
+            "off",
+        ],
+    );
+    // Drain and keep minivmm's log, so a flood of warnings cannot block it on a full pipe here.
+    let mut stderr = vm.child.stderr.take().expect("stderr");
+    let log = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let mut c = vm.connect();
+    let t0 = Instant::now();
+    let mut asked = 0u32;
+    while t0.elapsed() < Duration::from_secs(3) {
+        let info = c.ask("info");
+        assert!(info.starts_with("ok state=running"), "{info}");
+        let cpus: u32 = field(&info, "cpus").parse().expect("cpus");
+        assert!((1..=4).contains(&cpus), "{info}");
+        asked += 1;
+        // Resizes while the guest scribbles over the controllers: each is answered.
+        let request = match asked % 4 {
+            0 => "resize cpus=3",
+            1 => "resize cpus=1",
+            2 => "resize mem=192M",
+            _ => "resize cpus=4 mem=320M",
+        };
+        let reply = c.ask(request);
+        assert!(
+            reply.starts_with("ok") || reply.starts_with("error"),
+            "{request}: {reply}"
+        );
+    }
+    assert!(asked >= 20, "only {asked} requests answered in 3 s");
+    assert!(c.ask("shutdown").starts_with("ok"));
+    assert_eq!(vm.wait(), 0);
+    let log = log.join().expect("log reader");
+    assert!(
+        !log.contains("panicked") && !log.contains("seccomp"),
+        "{log}"
+    );
+    println!(
+        "hostile guest: {asked} info+resize pairs answered, {} log lines",
+        log.lines().count()
+    );
 }
