@@ -1106,3 +1106,29 @@ fn a_hostile_guest_cannot_crash_or_stall_minivmm() {
         log.lines().count()
     );
 }
+
+#[test]
+fn a_guest_cannot_flood_the_log() {
+    // out 0x600, (SLP_TYP 3 | SLP_EN) forever: an unsupported sleep request, a warning each.
+    let code = [0x66, 0xba, 0x00, 0x06, 0xb0, 0x2c, 0xee, 0xeb, 0xfd];
+    let mut vm = Controlled::start_with("log-flood", &code, &["--memory", "size=64M"]);
+    let mut stderr = vm.child.stderr.take().expect("stderr");
+    let log = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let mut c = vm.connect();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(c.ask("info").starts_with("ok state=running"));
+    assert!(c.ask("shutdown").starts_with("ok"));
+    assert_eq!(vm.wait(), 0);
+    let log = log.join().expect("log reader");
+    let warnings = log.matches("unsupported sleep type").count();
+    // A burst of 200, then 20 a second, for about 2 s (and the time to shut down).
+    assert!(
+        (150..=320).contains(&warnings),
+        "{warnings} warnings in about 2 s"
+    );
+    assert!(log.contains("log lines held back"), "{log}");
+}
