@@ -1,6 +1,6 @@
 //! A minimal `log` backend writing `minivmm: <level>: <message>` lines to stderr.
 //!
-//! Warnings and info lines are rate-limited (a burst of [`BURST`], then [`PER_SECOND`] a second),
+//! Warnings and info lines are rate-limited (a burst of 200, then 20 a second),
 //! because a guest can cause them (`_OST` reports, ejects, resets) as fast as it likes, and the
 //! lines go to stderr synchronously: a guest must not be able to flood a supervisor's log or,
 //! with a slow reader, stall minivmm on a full pipe. Lines held back are counted and reported
