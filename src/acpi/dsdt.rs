@@ -35,6 +35,28 @@ use crate::devices::ged::{
 use crate::devices::regs::Field;
 use crate::devices::{cpu_hotplug, ged, mem_hotplug};
 
+/// Byte-wide fields of `region` (flag bits and commands): bits not written read back as zero.
+fn byte_fields(region: &str, fields: &[Field]) -> aml::Field {
+    aml::Field::new(
+        region.into(),
+        FieldAccessType::Byte,
+        FieldLockRule::NoLock,
+        FieldUpdateRule::WriteAsZeroes,
+        field_entries(fields),
+    )
+}
+
+/// Dword-wide fields of `region` (selectors, addresses, data registers).
+fn dword_fields(region: &str, fields: &[Field]) -> aml::Field {
+    aml::Field::new(
+        region.into(),
+        FieldAccessType::DWord,
+        FieldLockRule::NoLock,
+        FieldUpdateRule::Preserve,
+        field_entries(fields),
+    )
+}
+
 /// `Field` entries for `fields` (ascending and disjoint, which the devices' tests check),
 /// with `Reserved` entries for the gaps between them.
 fn field_entries(fields: &[Field]) -> Vec<FieldEntry> {
@@ -402,13 +424,7 @@ fn ged() -> Vec<u8> {
                 &layout::GED_START,
                 &layout::GED_SIZE,
             ),
-            &aml::Field::new(
-                "GDST".into(),
-                FieldAccessType::Byte,
-                FieldLockRule::NoLock,
-                FieldUpdateRule::WriteAsZeroes,
-                field_entries(&ged::FIELDS),
-            ),
+            &byte_fields("GDST", &ged::FIELDS),
             &escn,
         ],
     )
@@ -432,21 +448,9 @@ fn cpu_controller() -> Vec<u8> {
                 &layout::CPU_HOTPLUG_SIZE,
             ),
             // Flags byte at +4 and command byte at +5; unwritten flag bits read as zero.
-            &aml::Field::new(
-                "PRST".into(),
-                FieldAccessType::Byte,
-                FieldLockRule::NoLock,
-                FieldUpdateRule::WriteAsZeroes,
-                field_entries(&cpu_hotplug::BYTE_FIELDS),
-            ),
+            &byte_fields("PRST", &cpu_hotplug::BYTE_FIELDS),
             // Selector at +0 and command data at +8.
-            &aml::Field::new(
-                "PRST".into(),
-                FieldAccessType::DWord,
-                FieldLockRule::NoLock,
-                FieldUpdateRule::Preserve,
-                field_entries(&cpu_hotplug::DWORD_FIELDS),
-            ),
+            &dword_fields("PRST", &cpu_hotplug::DWORD_FIELDS),
         ],
     ))
 }
@@ -711,37 +715,13 @@ fn memory_controller(slots: usize) -> Vec<u8> {
                 &layout::MEM_HOTPLUG_SIZE,
             ),
             // Read side: base and length of the selected slot, proximity.
-            &aml::Field::new(
-                "MHPR".into(),
-                FieldAccessType::DWord,
-                FieldLockRule::NoLock,
-                FieldUpdateRule::Preserve,
-                field_entries(&mem_hotplug::READ_FIELDS),
-            ),
+            &dword_fields("MHPR", &mem_hotplug::READ_FIELDS),
             // Status/ack byte at +0x14.
-            &aml::Field::new(
-                "MHPR".into(),
-                FieldAccessType::Byte,
-                FieldLockRule::NoLock,
-                FieldUpdateRule::WriteAsZeroes,
-                field_entries(&mem_hotplug::FLAG_FIELDS),
-            ),
+            &byte_fields("MHPR", &mem_hotplug::FLAG_FIELDS),
             // Write side: selector and _OST event/status.
-            &aml::Field::new(
-                "MHPR".into(),
-                FieldAccessType::DWord,
-                FieldLockRule::NoLock,
-                FieldUpdateRule::Preserve,
-                field_entries(&mem_hotplug::WRITE_FIELDS),
-            ),
+            &dword_fields("MHPR", &mem_hotplug::WRITE_FIELDS),
             // Next slot with an event, at +0x18.
-            &aml::Field::new(
-                "MHPR".into(),
-                FieldAccessType::DWord,
-                FieldLockRule::NoLock,
-                FieldUpdateRule::Preserve,
-                field_entries(&mem_hotplug::EVENT_FIELDS),
-            ),
+            &dword_fields("MHPR", &mem_hotplug::EVENT_FIELDS),
             &mtfy,
             &mscn,
             &msta,
