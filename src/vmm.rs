@@ -283,24 +283,6 @@ impl Vmm {
         }
     }
 
-    /// The planner's view of machine `m`.
-    fn resize_state(&self, m: &Machine) -> ResizeState {
-        let (mem_slots, used_mem_slots) = m.memory.slots();
-        ResizeState {
-            max_cpus: self.host.config.cpus.max,
-            present_cpus: m.cpus.present(),
-            removing: m.cpus.removing(),
-            target_cpus: m.cpus.target(),
-            removal_waited_secs: m.cpus.removal_waited_secs(),
-            boot_mem: m.memory.boot_size(),
-            max_mem: self.max_mem(),
-            window: m.memory.window(),
-            hotplugged: m.memory.hotplugged(),
-            mem_slots,
-            used_mem_slots,
-        }
-    }
-
     /// `info` of the VM, running (`m`) or stopped.
     fn info_of(&self, m: Option<&Machine>) -> VmInfo {
         let stopped = VmInfo {
@@ -343,15 +325,8 @@ impl ControlTarget for Vmm {
         let Some(m) = self.machine.as_mut() else {
             return Err("the VM is not running".into());
         };
-        let reaped = m.cpus.reap_all_ejected();
-        self.events.extend(reaped);
-        let Some(m) = self.machine.as_ref() else {
-            return Err("the VM is not running".into());
-        };
-        let plan = resize::plan(&self.resize_state(m), cpus, mem)?;
-        let Some(m) = self.machine.as_mut() else {
-            return Err("the VM is not running".into());
-        };
+        self.events.extend(m.cpus.reap_all_ejected());
+        let plan = resize::plan(&resize_state(&self.host.config, m), cpus, mem)?;
         // VMM-side work first; undone if any part fails, since nothing has been announced yet.
         let started = Instant::now();
         resize::prepare(&plan, m)?;
@@ -403,6 +378,24 @@ impl ControlTarget for Vmm {
             .map_err(|e| format!("raising the GED interrupt: {e}"))?;
         self.events.push(Event::PowerButton);
         Ok(())
+    }
+}
+
+/// The planner's view of machine `m` under `config`.
+fn resize_state(config: &VmConfig, m: &Machine) -> ResizeState {
+    let (mem_slots, used_mem_slots) = m.memory.slots();
+    ResizeState {
+        max_cpus: config.cpus.max,
+        present_cpus: m.cpus.present(),
+        removing: m.cpus.removing(),
+        target_cpus: m.cpus.target(),
+        removal_waited_secs: m.cpus.removal_waited_secs(),
+        boot_mem: m.memory.boot_size(),
+        max_mem: config.memory.max(),
+        window: m.memory.window(),
+        hotplugged: m.memory.hotplugged(),
+        mem_slots,
+        used_mem_slots,
     }
 }
 
