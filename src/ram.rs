@@ -10,6 +10,9 @@ use vm_memory::MmapRegion;
 /// Alignment of every mapping: the x86-64 huge page size.
 pub const ALIGN: usize = 2 << 20;
 
+/// How guest RAM is mapped: private, anonymous, lazily backed.
+const MAP_FLAGS: libc::c_int = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+
 /// One mapping, unmapped on drop.
 #[derive(Debug)]
 pub struct HostMapping {
@@ -32,7 +35,6 @@ impl HostMapping {
         let reserve = len
             .checked_add(ALIGN)
             .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
-        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
         // SAFETY: a new anonymous mapping at an address the kernel chooses; nothing else is
         // touched. The result is checked below.
         let base = unsafe {
@@ -40,7 +42,7 @@ impl HostMapping {
                 std::ptr::null_mut(),
                 reserve,
                 libc::PROT_READ | libc::PROT_WRITE,
-                flags,
+                MAP_FLAGS,
                 -1,
                 0,
             )
@@ -81,7 +83,6 @@ impl HostMapping {
     /// A vm-memory region over the mapping. It does not own the mapping: the caller keeps this
     /// `HostMapping` alive for as long as the region (or KVM) uses the memory.
     pub fn region(&self) -> Result<MmapRegion, vm_memory::mmap::MmapRegionError> {
-        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
         // SAFETY: [addr, addr + len) is a live read-write mapping owned by `self`, and the
         // caller keeps `self` alive while the region is used (see above).
         unsafe {
@@ -89,7 +90,7 @@ impl HostMapping {
                 self.addr,
                 self.len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                flags,
+                MAP_FLAGS,
             )
         }
     }
