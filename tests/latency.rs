@@ -27,12 +27,34 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// Possible vCPUs of every VMM (`MINIVMM_BENCH_MAX_CPUS`, default 4).
-fn max_cpus() -> u32 {
-    std::env::var("MINIVMM_BENCH_MAX_CPUS")
+/// The number in environment variable `name`, or `default`.
+fn env_number<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(4)
+        .unwrap_or(default)
+}
+
+/// Possible vCPUs of every VMM (`MINIVMM_BENCH_MAX_CPUS`, default 4).
+fn max_cpus() -> u32 {
+    env_number("MINIVMM_BENCH_MAX_CPUS", 4)
+}
+
+/// Interleaved rounds (`MINIVMM_BENCH_ROUNDS`, default 3).
+fn rounds() -> usize {
+    env_number("MINIVMM_BENCH_ROUNDS", 3)
+}
+
+/// `min / median / max` of `v`, in whole milliseconds.
+fn min_median_max(v: &[f64]) -> String {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    format!(
+        "{:.0} / {:.0} / {:.0}",
+        v[0],
+        v[v.len() / 2],
+        v[v.len() - 1]
+    )
 }
 
 /// Hard limit on one measured step.
@@ -417,14 +439,8 @@ fn table(names: &[&str], samples: &[Vec<Sample>]) {
     for (what, f) in FIGURES {
         let mut row = format!("| {what} |");
         for s in samples {
-            let mut v: Vec<f64> = s.iter().map(f).collect();
-            v.sort_by(f64::total_cmp);
-            row.push_str(&format!(
-                " {:.0} / {:.0} / {:.0} |",
-                v[0],
-                v[v.len() / 2],
-                v[v.len() - 1]
-            ));
+            let v: Vec<f64> = s.iter().map(f).collect();
+            row.push_str(&format!(" {} |", min_median_max(&v)));
         }
         let mut ratios: Vec<f64> = samples[0]
             .iter()
@@ -440,10 +456,7 @@ fn table(names: &[&str], samples: &[Vec<Sample>]) {
 #[ignore = "benchmark: cargo test --release --test latency -- --ignored --nocapture"]
 fn hotplug_latency_against_qemu() {
     run_in_test_host("hotplug_latency_against_qemu", || {
-        let rounds: usize = std::env::var("MINIVMM_BENCH_ROUNDS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(3);
+        let rounds = rounds();
         let baseline = std::env::var_os("MINIVMM_BENCH_BASELINE_BIN").map(PathBuf::from);
         println!("hotplug latency: {rounds} rounds, max {} vCPUs", max_cpus());
         let mut names = vec!["minivmm", "QEMU q35"];
@@ -499,10 +512,7 @@ fn measure_scale(d: &mut dyn Driver) -> (f64, f64) {
 #[ignore = "benchmark: cargo test --release --test latency -- --ignored --nocapture"]
 fn hotplug_scale_against_qemu() {
     run_in_test_host("hotplug_scale_against_qemu", || {
-        let rounds: usize = std::env::var("MINIVMM_BENCH_ROUNDS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(3);
+        let rounds = rounds();
         let (mut ours, mut theirs) = (Vec::new(), Vec::new());
         for round in 0..rounds {
             let (mut vmm, _) = Minivmm::boot_with(&minivmm_bin(), 32);
@@ -526,20 +536,14 @@ fn hotplug_scale_against_qemu() {
             ("16 x 128 MiB: first request -> MemTotal +2 GiB", |s| s.1),
         ];
         for (what, f) in rows {
-            let mut a: Vec<f64> = ours.iter().map(f).collect();
-            let mut b: Vec<f64> = theirs.iter().map(f).collect();
+            let a: Vec<f64> = ours.iter().map(f).collect();
+            let b: Vec<f64> = theirs.iter().map(f).collect();
             let mut r: Vec<f64> = ours.iter().zip(&theirs).map(|(x, y)| f(x) / f(y)).collect();
-            let ratio = median(&mut r);
-            a.sort_by(f64::total_cmp);
-            b.sort_by(f64::total_cmp);
             println!(
-                "| {what} | {:.0} / {:.0} / {:.0} | {:.0} / {:.0} / {:.0} | {ratio:.2} |",
-                a[0],
-                a[a.len() / 2],
-                a[a.len() - 1],
-                b[0],
-                b[b.len() / 2],
-                b[b.len() - 1]
+                "| {what} | {} | {} | {:.2} |",
+                min_median_max(&a),
+                min_median_max(&b),
+                median(&mut r)
             );
         }
     });

@@ -232,6 +232,17 @@ impl Controlled {
         Controlled { child, sock }
     }
 
+    /// Reads minivmm's stderr on a thread, so a flood of log lines cannot block it on a full
+    /// pipe; the thread returns the whole log once minivmm exits.
+    fn drain_log(&mut self) -> std::thread::JoinHandle<String> {
+        let mut stderr = self.child.stderr.take().expect("stderr");
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = stderr.read_to_string(&mut text);
+            text
+        })
+    }
+
     fn connect(&self) -> Client {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -1064,13 +1075,7 @@ fn a_hostile_guest_cannot_crash_or_stall_minivmm() {
             "off",
         ],
     );
-    // Drain and keep minivmm's log, so a flood of warnings cannot block it on a full pipe here.
-    let mut stderr = vm.child.stderr.take().expect("stderr");
-    let log = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = stderr.read_to_string(&mut text);
-        text
-    });
+    let log = vm.drain_log();
     let mut c = vm.connect();
     let t0 = Instant::now();
     let mut asked = 0u32;
@@ -1112,12 +1117,7 @@ fn a_guest_cannot_flood_the_log() {
     // out 0x600, (SLP_TYP 3 | SLP_EN) forever: an unsupported sleep request, a warning each.
     let code = [0x66, 0xba, 0x00, 0x06, 0xb0, 0x2c, 0xee, 0xeb, 0xfd];
     let mut vm = Controlled::start_with("log-flood", &code, &["--memory", "size=64M"]);
-    let mut stderr = vm.child.stderr.take().expect("stderr");
-    let log = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = stderr.read_to_string(&mut text);
-        text
-    });
+    let log = vm.drain_log();
     let mut c = vm.connect();
     std::thread::sleep(Duration::from_secs(2));
     assert!(c.ask("info").starts_with("ok state=running"));
