@@ -116,6 +116,15 @@ impl VmBuilder {
         self
     }
 
+    /// Make hot-added RAM removable while the guest runs, each slot's removal given up after
+    /// `timeout` (whole seconds; see `--memory removable=,remove_timeout=`). Needs a hotplug
+    /// window.
+    pub fn removable_memory(mut self, on: bool, timeout: Duration) -> Self {
+        self.config.memory.removable = on;
+        self.config.memory.remove_timeout = timeout;
+        self
+    }
+
     /// Where the guest's console output goes (the guest gets no console input).
     pub fn serial_output(mut self, out: Box<dyn std::io::Write + Send>) -> Self {
         self.config.serial = SerialMode::Tty;

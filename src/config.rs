@@ -22,6 +22,10 @@ pub const MIN_MEMORY_SIZE: u64 = 64 << 20;
 pub const MEMORY_SIZE_ALIGN: u64 = 1 << 20;
 /// Upper bound on boot RAM plus the hotplug window (the guest-physical space minivmm supports): 1 TiB.
 pub const MAX_TOTAL_MEMORY: u64 = 1 << 40;
+/// How long a live memory removal waits for the guest's eject of a slot, by default.
+pub const DEFAULT_REMOVE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest `remove_timeout=` in seconds (one hour).
+const MAX_REMOVE_TIMEOUT_SECS: u64 = 3600;
 /// Text printed by `--version`.
 pub const VERSION: &str = concat!("minivmm ", env!("CARGO_PKG_VERSION"));
 
@@ -39,12 +43,17 @@ Options:
                              (default: \"console=ttyS0 reboot=k panic=1 pci=off\")
   --cpus boot=N[,max=M]      vCPUs at boot and the most vCPUs hotplug may reach,
                              1 <= N <= M <= 254 (default: boot=1, max=boot)
-  --memory size=SIZE[,hotplug_size=SIZE][,thp=on|off]
+  --memory size=SIZE[,hotplug_size=SIZE][,thp=on|off][,removable=on|off]
+           [,remove_timeout=SECS]
                              boot RAM (at least 64M, a multiple of 1M) and the
                              window reserved for hot-added RAM (a multiple of
                              128M); together at most 1T; thp: advise
-                             transparent huge pages for guest RAM
-                             (default: size=512M, hotplug_size=0, thp=on)
+                             transparent huge pages for guest RAM; removable:
+                             hot-added RAM is onlined movable and a shrink
+                             takes it back live, each slot given up after
+                             remove_timeout seconds without the guest's eject
+                             (default: size=512M, hotplug_size=0, thp=on,
+                             removable=off, remove_timeout=30)
   --serial tty|off|file=PATH guest COM1: connected to stdin/stdout, disabled, or
                              written to the file PATH (default: tty)
   --no-reboot                when the guest reboots, exit with status 2 instead
@@ -142,12 +151,17 @@ impl VmConfig {
 impl VmConfig {
     /// What minivmm appends to [`VmConfig::cmdline`]: `memhp_default_state=online` when there is a
     /// hotplug window and the command line does not choose an online policy itself (the Debian
-    /// kernels, among others, leave hot-added memory offline by default).
+    /// kernels, among others, leave hot-added memory offline by default), or
+    /// `memhp_default_state=online_movable` when the hot-added memory is to be removable.
     pub fn cmdline_additions(&self) -> Vec<&'static str> {
         let mut add = Vec::new();
         let sets = |key: &str| self.cmdline.split_whitespace().any(|w| w.starts_with(key));
         if self.memory.hotplug_size > 0 && !sets("memhp_default_state=") {
-            add.push("memhp_default_state=online");
+            add.push(if self.memory.removable {
+                "memhp_default_state=online_movable"
+            } else {
+                "memhp_default_state=online"
+            });
         }
         add
     }
@@ -190,6 +204,13 @@ pub struct MemoryConfig {
     pub hotplug_size: u64,
     /// Advise transparent huge pages for guest RAM (`thp=on|off`, default on).
     pub huge_pages: bool,
+    /// Hot-added RAM is removable (`removable=on|off`, default off): the guest onlines it
+    /// movable, hot-adds use slots small enough to give back, and a shrink asks the guest to
+    /// eject slots live instead of only at the next reboot.
+    pub removable: bool,
+    /// How long a live removal waits for the guest's eject of one slot before it is withdrawn
+    /// (`remove_timeout=SECS`, default [`DEFAULT_REMOVE_TIMEOUT`]).
+    pub remove_timeout: Duration,
 }
 
 impl MemoryConfig {
@@ -205,6 +226,8 @@ impl Default for MemoryConfig {
             size: DEFAULT_MEMORY_SIZE,
             hotplug_size: 0,
             huge_pages: true,
+            removable: false,
+            remove_timeout: DEFAULT_REMOVE_TIMEOUT,
         }
     }
 }
@@ -596,8 +619,8 @@ fn parse_memory(flag: &'static str, value: &str) -> Result<MemoryConfig, ConfigE
     let found = parse_key_values(
         flag,
         value,
-        &["size", "hotplug_size", "thp"],
-        "size=SIZE[,hotplug_size=SIZE][,thp=on|off]",
+        &["size", "hotplug_size", "thp", "removable", "remove_timeout"],
+        "size=SIZE[,hotplug_size=SIZE][,thp=on|off][,removable=on|off][,remove_timeout=SECS]",
     )?;
     let (size, size_text) = match found[0] {
         Some(s) => (parse_size_value(flag, "size", s)?, s.to_string()),
@@ -644,24 +667,60 @@ fn parse_memory(flag: &'static str, value: &str) -> Result<MemoryConfig, ConfigE
             format!("size={size_text} exceeds the supported {limit} of guest memory"),
         ));
     }
-    match size.checked_add(hotplug_size) {
-        Some(total) if total <= MAX_TOTAL_MEMORY => Ok(MemoryConfig {
-            size,
-            hotplug_size,
-            huge_pages: match found[2] {
-                None | Some("on") => true,
-                Some("off") => false,
-                Some(v) => return Err(invalid(flag, format!("thp={v}: expected on or off"))),
-            },
-        }),
-        _ => Err(invalid(
+    let total_fits = size
+        .checked_add(hotplug_size)
+        .is_some_and(|total| total <= MAX_TOTAL_MEMORY);
+    if !total_fits {
+        return Err(invalid(
             flag,
             format!(
                 "size={size_text} plus hotplug_size={} exceeds the supported {limit} of guest memory",
                 found[1].unwrap_or("0")
             ),
-        )),
+        ));
     }
+    let on_off = |key: &str, v: Option<&str>, default: bool| match v {
+        None => Ok(default),
+        Some("on") => Ok(true),
+        Some("off") => Ok(false),
+        Some(v) => Err(invalid(flag, format!("{key}={v}: expected on or off"))),
+    };
+    let removable = on_off("removable", found[3], false)?;
+    if removable && hotplug_size == 0 {
+        return Err(invalid(
+            flag,
+            "removable=on needs a hotplug window (hotplug_size=SIZE): only hot-added RAM can be removed",
+        ));
+    }
+    let remove_timeout = match found[4] {
+        None => DEFAULT_REMOVE_TIMEOUT,
+        Some(v) => match v.parse::<u64>() {
+            Ok(secs @ 1..=MAX_REMOVE_TIMEOUT_SECS) if removable => {
+                Duration::from_secs(secs)
+            }
+            Ok(1..=MAX_REMOVE_TIMEOUT_SECS) => {
+                return Err(invalid(
+                    flag,
+                    "remove_timeout= only applies with removable=on",
+                ))
+            }
+            _ => {
+                return Err(invalid(
+                    flag,
+                    format!(
+                        "remove_timeout={v}: expected whole seconds from 1 to {MAX_REMOVE_TIMEOUT_SECS}"
+                    ),
+                ))
+            }
+        },
+    };
+    Ok(MemoryConfig {
+        size,
+        hotplug_size,
+        huge_pages: on_off("thp", found[2], true)?,
+        removable,
+        remove_timeout,
+    })
 }
 
 fn parse_serial(flag: &'static str, value: &str) -> Result<SerialMode, ConfigError> {
@@ -880,12 +939,23 @@ pub fn validate(config: &VmConfig) -> Result<(), ConfigError> {
     if parse_cpus(Opt::Cpus.name(), &cpus)? != config.cpus {
         return Err(invalid(Opt::Cpus.name(), format!("{cpus} is not accepted")));
     }
-    let memory = format!(
-        "size={},hotplug_size={}",
+    let on_off = |b: bool| if b { "on" } else { "off" };
+    let mut memory = format!(
+        "size={},hotplug_size={},removable={}",
         format_size(config.memory.size),
-        format_size(config.memory.hotplug_size)
+        format_size(config.memory.hotplug_size),
+        on_off(config.memory.removable),
     );
-    parse_memory(Opt::Memory.name(), &memory)?;
+    if config.memory.removable {
+        memory += &format!(",remove_timeout={}", config.memory.remove_timeout.as_secs());
+    }
+    let parsed = parse_memory(Opt::Memory.name(), &memory)?;
+    if parsed.remove_timeout != config.memory.remove_timeout && config.memory.removable {
+        return Err(invalid(
+            Opt::Memory.name(),
+            format!("remove_timeout must be whole seconds from 1 to {MAX_REMOVE_TIMEOUT_SECS}"),
+        ));
+    }
     parse_cmdline(Opt::Cmdline.name(), config.cmdline.clone())?;
     if let Some(dev) = config.exit_device {
         let text = format!("iobase={:#x},iosize={}", dev.iobase, dev.iosize);
@@ -952,6 +1022,7 @@ mod tests {
                 size: 512 << 20,
                 hotplug_size: 0,
                 huge_pages: true,
+                ..MemoryConfig::default()
             }
         );
         assert_eq!(config.serial, SerialMode::Tty);
@@ -974,6 +1045,7 @@ mod tests {
                 size: 1 << 30,
                 hotplug_size: 2 << 30,
                 huge_pages: true,
+                ..MemoryConfig::default()
             },
             serial: SerialMode::File(PathBuf::from("/tmp/console.log")),
             no_reboot: true,
@@ -1256,6 +1328,14 @@ mod tests {
         assert_eq!(c.kernel_cmdline(), "memhp_default_state=online");
         c.cmdline = "memhp_default_state=offline quiet".into();
         assert_eq!(c.kernel_cmdline(), "memhp_default_state=offline quiet");
+        // Removable memory is onlined movable, unless the command line says otherwise.
+        c.memory.removable = true;
+        assert_eq!(c.kernel_cmdline(), "memhp_default_state=offline quiet");
+        c.cmdline = "quiet".into();
+        assert_eq!(
+            c.kernel_cmdline(),
+            "quiet memhp_default_state=online_movable"
+        );
     }
 
     #[test]
@@ -1350,12 +1430,29 @@ mod tests {
             err(&["--kernel", "k", "--memory", "thp=2M"]),
             "--memory: thp=2M: expected on or off"
         );
+        let removable = mem("hotplug_size=1G,removable=on,remove_timeout=90");
+        assert!(removable.removable);
+        assert_eq!(removable.remove_timeout, Duration::from_secs(90));
+        let default = mem("hotplug_size=1G,removable=on");
+        assert_eq!(default.remove_timeout, DEFAULT_REMOVE_TIMEOUT);
+        assert!(!mem("hotplug_size=1G,removable=off").removable);
+        for (v, want) in [
+            ("removable=on", "--memory: removable=on needs a hotplug window (hotplug_size=SIZE): only hot-added RAM can be removed"),
+            ("hotplug_size=1G,removable=yes", "--memory: removable=yes: expected on or off"),
+            ("hotplug_size=1G,remove_timeout=5", "--memory: remove_timeout= only applies with removable=on"),
+            ("hotplug_size=1G,removable=on,remove_timeout=0", "--memory: remove_timeout=0: expected whole seconds from 1 to 3600"),
+            ("hotplug_size=1G,removable=on,remove_timeout=3601", "--memory: remove_timeout=3601: expected whole seconds from 1 to 3600"),
+            ("hotplug_size=1G,removable=on,remove_timeout=1.5", "--memory: remove_timeout=1.5: expected whole seconds from 1 to 3600"),
+        ] {
+            assert_eq!(err(&["--kernel", "k", "--memory", v]), want, "{v}");
+        }
         assert_eq!(
             mem("size=1G"),
             MemoryConfig {
                 size: 1 << 30,
                 hotplug_size: 0,
                 huge_pages: true,
+                ..MemoryConfig::default()
             }
         );
         assert_eq!(
@@ -1364,6 +1461,7 @@ mod tests {
                 size: 64 << 20,
                 hotplug_size: 128 << 20,
                 huge_pages: true,
+                ..MemoryConfig::default()
             }
         );
         assert_eq!(
@@ -1372,6 +1470,7 @@ mod tests {
                 size: 512 << 20,
                 hotplug_size: 1 << 30,
                 huge_pages: true,
+                ..MemoryConfig::default()
             }
         );
         assert_eq!(
@@ -1380,6 +1479,7 @@ mod tests {
                 size: 512 << 30,
                 hotplug_size: 512 << 30,
                 huge_pages: true,
+                ..MemoryConfig::default()
             }
         );
         assert_eq!(mem("size=1T").size, 1 << 40);
@@ -1424,7 +1524,7 @@ mod tests {
         assert_eq!(e("size=1G,size=2G"), "--memory: duplicate key size");
         assert_eq!(
             e("ram=1G"),
-            "--memory: unknown key \"ram\" (expected size or hotplug_size or thp)"
+            "--memory: unknown key \"ram\" (expected size or hotplug_size or thp or removable or remove_timeout)"
         );
         assert_eq!(
             e("hotplug_size="),
@@ -1432,7 +1532,7 @@ mod tests {
         );
         assert_eq!(
             e("1G"),
-            "--memory: expected key=value, got \"1G\" (expected size=SIZE[,hotplug_size=SIZE][,thp=on|off])"
+            "--memory: expected key=value, got \"1G\" (expected size=SIZE[,hotplug_size=SIZE][,thp=on|off][,removable=on|off][,remove_timeout=SECS])"
         );
     }
 

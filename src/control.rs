@@ -333,6 +333,8 @@ pub struct VmInfo {
     pub hotplug_slots_free: u32,
     /// vCPUs waiting for the guest's eject.
     pub removing: Vec<u32>,
+    /// Memory slots waiting for the guest's eject (a live shrink removes one at a time).
+    pub removing_mem: Vec<u32>,
     /// The guest's last hotplug status report (`_OST`), e.g. `cpu2:eject:busy`.
     pub last_ost: Option<String>,
     /// Time since minivmm started.
@@ -369,12 +371,16 @@ pub(crate) fn format_ids(ids: &[u32]) -> String {
     ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
 }
 
-fn info_reply(info: &VmInfo) -> String {
-    let removing = if info.removing.is_empty() {
+/// A list of ids, or `none`.
+fn ids_or_none(ids: &[u32]) -> String {
+    if ids.is_empty() {
         "none".to_string()
     } else {
-        format_ids(&info.removing)
-    };
+        format_ids(ids)
+    }
+}
+
+fn info_reply(info: &VmInfo) -> String {
     ok_reply(&[
         ("state", info.state.to_string()),
         ("cpus", info.cpus.to_string()),
@@ -384,7 +390,8 @@ fn info_reply(info: &VmInfo) -> String {
         ("pending_mem", format_size(info.pending_mem)),
         ("max_mem", format_size(info.max_mem)),
         ("hotplug_slots_free", info.hotplug_slots_free.to_string()),
-        ("removing", removing),
+        ("removing", ids_or_none(&info.removing)),
+        ("removing_mem", ids_or_none(&info.removing_mem)),
         (
             "last_ost",
             info.last_ost.clone().unwrap_or_else(|| "none".into()),
@@ -756,6 +763,7 @@ mod tests {
                     max_mem: 4 << 30,
                     hotplug_slots_free: 28,
                     removing: vec![],
+                    removing_mem: vec![],
                     last_ost: None,
                     uptime: std::time::Duration::from_millis(12_345),
                     boot_marker: None,
@@ -812,7 +820,7 @@ mod tests {
         assert_eq!(
             handle_line(b"info\n", &mut vm),
             "ok state=running cpus=2 pending_cpus=2 max_cpus=8 mem=512M pending_mem=512M \
-             max_mem=4G hotplug_slots_free=28 removing=none last_ost=none uptime=12.345 \
+             max_mem=4G hotplug_slots_free=28 removing=none removing_mem=none last_ost=none uptime=12.345 \
              boot_ms=none\n"
         );
         assert_eq!(
@@ -826,7 +834,7 @@ mod tests {
         assert_eq!(
             handle_line(b"info", &mut vm),
             "ok state=running cpus=4 pending_cpus=1 max_cpus=8 mem=1536M pending_mem=1536M \
-             max_mem=4G hotplug_slots_free=28 removing=1,2,3 last_ost=none uptime=12.345 \
+             max_mem=4G hotplug_slots_free=28 removing=1,2,3 removing_mem=none last_ost=none uptime=12.345 \
              boot_ms=none\n"
         );
         vm.info.boot_marker = Some(std::time::Duration::from_micros(812_700));

@@ -318,11 +318,21 @@ pub(crate) fn run(vmm: &mut Vmm, mut sources: Sources) -> Result<Exit, EventLoop
 
     let mut events = vec![EpollEvent::default(); 32];
     loop {
-        let n = match epoll.wait(-1, &mut events) {
+        // Sleep until an fd is ready, or until the VMM's next deadline (a live memory removal
+        // the guest has not answered), rounded up to whole milliseconds.
+        let deadline = vmm.next_deadline();
+        let timeout_ms = deadline.map_or(-1, |d| {
+            let left = d.saturating_duration_since(std::time::Instant::now());
+            i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
+        });
+        let n = match epoll.wait(timeout_ms, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => return Err(EventLoopError::Io("epoll_wait", e)),
         };
+        if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            vmm.on_deadline();
+        }
         let mut exit = None;
         for ev in &events[..n] {
             let mut ctx = Ctx {

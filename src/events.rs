@@ -41,6 +41,30 @@ pub enum Event {
         /// Size in bytes.
         size: u64,
     },
+    /// The guest was asked to eject a memory slot.
+    MemRemoving {
+        /// Slot index.
+        slot: usize,
+        /// Guest-physical start.
+        start: u64,
+        /// Size in bytes.
+        size: u64,
+    },
+    /// The guest ejected a memory slot; its memory is unmapped.
+    MemRemoved {
+        /// Slot index.
+        slot: usize,
+        /// Size in bytes.
+        size: u64,
+    },
+    /// A memory slot's removal was given up (the guest refused it, or did not answer in
+    /// time); the slot stays and the rest of the shrink waits for the next reboot.
+    MemRemoveWithdrawn {
+        /// Slot index.
+        slot: usize,
+        /// Why: the guest's `_OST` report (e.g. `eject:busy`) or `timeout`.
+        reason: String,
+    },
     /// The guest reported a hotplug status (`_OST`), e.g. device `cpu2`, report `eject:busy`.
     Ost {
         /// `cpuN` or `memN`.
@@ -85,6 +109,21 @@ impl fmt::Display for Event {
                 "event mem-added slot={slot} start={start:#x} size={}",
                 format_size(*size)
             ),
+            Event::MemRemoving { slot, start, size } => write!(
+                f,
+                "event mem-removing slot={slot} start={start:#x} size={}",
+                format_size(*size)
+            ),
+            Event::MemRemoved { slot, size } => {
+                write!(
+                    f,
+                    "event mem-removed slot={slot} size={}",
+                    format_size(*size)
+                )
+            }
+            Event::MemRemoveWithdrawn { slot, reason } => {
+                write!(f, "event mem-remove-withdrawn slot={slot} reason={reason}")
+            }
             Event::Ost { device, report } => {
                 write!(f, "event ost device={device} report={report}")
             }
@@ -129,6 +168,28 @@ mod tests {
                     size: 1 << 30,
                 },
                 "event mem-added slot=0 start=0x100000000 size=1G",
+            ),
+            (
+                Event::MemRemoving {
+                    slot: 3,
+                    start: 0x1_3000_0000,
+                    size: 128 << 20,
+                },
+                "event mem-removing slot=3 start=0x130000000 size=128M",
+            ),
+            (
+                Event::MemRemoved {
+                    slot: 3,
+                    size: 128 << 20,
+                },
+                "event mem-removed slot=3 size=128M",
+            ),
+            (
+                Event::MemRemoveWithdrawn {
+                    slot: 3,
+                    reason: "eject:busy".into(),
+                },
+                "event mem-remove-withdrawn slot=3 reason=eject:busy",
             ),
             (
                 Event::Ost {

@@ -26,7 +26,7 @@ use crate::devices::reset_control::ResetControl;
 use crate::devices::rtc::Rtc;
 use crate::devices::serial::SerialDevice;
 use crate::devices::{lock, Bus, BusDevice, Trigger};
-use crate::memory_manager::{hotplug_slots, MemoryManager};
+use crate::memory_manager::{hotplug_slots, MemoryManager, Step};
 use crate::resize;
 use crate::seccomp::BpfProgram;
 use crate::vcpu::{EventSink, VcpuContext};
@@ -116,6 +116,7 @@ pub(crate) fn acpi_config(config: &VmConfig, cpus: u32, mem: u64) -> AcpiConfig 
         boot_cpus: cpus,
         max_cpus: config.cpus.max,
         memory_slots: hotplug_slots(&window),
+        memory_removable: config.memory.removable,
         pvpanic: config.pvpanic,
     }
 }
@@ -156,7 +157,7 @@ impl Machine {
         vm.register_irqfd(&host.ged_irq, layout::irq::GED)?;
 
         let cpus = CpuManager::new(max_cpus, spec.cpus);
-        let memory = MemoryManager::new(spec.mem, host.config.memory.max());
+        let memory = MemoryManager::new(spec.mem, &host.config.memory);
         let trigger = |e: &EventFd| -> Result<Arc<dyn Trigger>, MachineError> {
             Ok(Arc::new(e.try_clone().map_err(MachineError::EventFd)?))
         };
@@ -204,6 +205,20 @@ impl Machine {
     /// Stops every vCPU; the VM and its memory go when the machine is dropped.
     pub(crate) fn stop(&mut self) {
         self.cpus.stop_all();
+    }
+
+    /// Unmaps memory slot `slot` after the guest's eject (None: the slot being removed, if the
+    /// guest has ejected it) and asks for the next one while the shrink's target allows.
+    pub(crate) fn reap_memory(&mut self, slot: Option<usize>) -> Step {
+        let vm = &mut self.vm;
+        let mut unmap = |start: u64| {
+            vm.remove_memory(GuestAddress(start))
+                .map_err(|e| e.to_string())
+        };
+        match slot {
+            Some(slot) => self.memory.reap(slot, &mut unmap),
+            None => self.memory.reap_ejected(&mut unmap),
+        }
     }
 }
 

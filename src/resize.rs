@@ -31,12 +31,19 @@ pub struct ResizeState {
     pub max_mem: u64,
     /// The hotplug window this boot (guest-physical).
     pub window: Range<u64>,
-    /// Bytes hot-added this boot (the window is filled from its start).
-    pub hotplugged: u64,
+    /// Sizes of the hot-added slots present now, bottom first (slot `i` is the `i`-th; the
+    /// window is filled from its start).
+    pub mem_slot_sizes: Vec<u64>,
     /// Memory hotplug slots this boot.
     pub mem_slots: usize,
-    /// Memory hotplug slots used this boot.
-    pub used_mem_slots: usize,
+    /// Hot-added memory is removable live; grows are split into slots of this size.
+    pub removable_slot_size: Option<u64>,
+    /// The memory slot waiting for the guest's eject, if any.
+    pub removing_mem: Option<usize>,
+    /// How long that removal has waited, in seconds.
+    pub mem_removal_waited_secs: u64,
+    /// The RAM size last requested (the next boot's size).
+    pub target_mem: u64,
 }
 
 /// A validated resize.
@@ -46,8 +53,11 @@ pub struct Plan {
     pub add_cpus: Range<u32>,
     /// vCPU indices to ask the guest to eject.
     pub remove_cpus: Range<u32>,
-    /// A memory slot to hot-add: (slot, guest-physical start, size).
-    pub add_mem: Option<(usize, u64, u64)>,
+    /// Memory slots to hot-add, in order: (slot, guest-physical start, size).
+    pub add_mem: Vec<(usize, u64, u64)>,
+    /// A live shrink: the size to remove hot-added slots down to (from the top, while each
+    /// removal keeps at least this much), starting with the top slot.
+    pub remove_mem_to: Option<u64>,
     /// The RAM size for the next boot.
     pub pending_mem: Option<u64>,
 }
@@ -55,7 +65,12 @@ pub struct Plan {
 impl ResizeState {
     /// RAM the guest has now: boot RAM plus what was hot-added.
     pub fn current_mem(&self) -> u64 {
-        self.boot_mem + self.hotplugged
+        self.boot_mem + self.hotplugged()
+    }
+
+    /// Bytes hot-added and present now.
+    pub fn hotplugged(&self) -> u64 {
+        self.mem_slot_sizes.iter().sum()
     }
 }
 
@@ -89,59 +104,102 @@ pub fn plan(s: &ResizeState, cpus: Option<u32>, mem: Option<u64>) -> Result<Plan
         }
     }
     if let Some(want) = mem {
-        let current = s.current_mem();
-        if want > s.max_mem {
-            return Err(format!(
-                "mem={} exceeds max_mem={} (size + hotplug_size at start)",
-                format_size(want),
-                format_size(s.max_mem)
-            ));
-        }
-        if want > current {
-            let delta = want - current;
-            if !delta.is_multiple_of(MEMORY_HOTPLUG_ALIGN) {
-                return Err(format!(
-                    "mem={}: growth by {} from {} is not a multiple of {}",
-                    format_size(want),
-                    format_size(delta),
-                    format_size(current),
-                    format_size(MEMORY_HOTPLUG_ALIGN)
-                ));
-            }
-            let start = s.window.start + s.hotplugged;
-            if start + delta > s.window.end {
-                return Err(format!(
-                    "mem={}: only {} of the hotplug window is left this boot (reboot to reclaim alignment)",
-                    format_size(want),
-                    format_size(s.window.end.saturating_sub(start))
-                ));
-            }
-            if s.used_mem_slots >= s.mem_slots {
-                return Err(format!(
-                    "all {} memory hotplug slots are used this boot; grow in larger steps or reboot",
-                    s.mem_slots
-                ));
-            }
-            plan.add_mem = Some((s.used_mem_slots, start, delta));
-        } else if want < current {
-            if want < MIN_MEMORY_SIZE {
-                return Err(format!(
-                    "mem={} is below the minimum of {}",
-                    format_size(want),
-                    format_size(MIN_MEMORY_SIZE)
-                ));
-            }
-            if !want.is_multiple_of(MEMORY_SIZE_ALIGN) {
-                return Err(format!(
-                    "mem={} is not a multiple of {}",
-                    format_size(want),
-                    format_size(MEMORY_SIZE_ALIGN)
-                ));
-            }
-        }
-        plan.pending_mem = Some(want);
+        plan_memory(s, want, &mut plan)?;
     }
     Ok(plan)
+}
+
+/// The memory half of [`plan`].
+fn plan_memory(s: &ResizeState, want: u64, plan: &mut Plan) -> Result<(), String> {
+    let current = s.current_mem();
+    if let Some(slot) = s.removing_mem {
+        if want != s.target_mem {
+            return Err(format!(
+                "removal of memory slot {slot} still pending for {}s: the guest has not ejected it yet; retry when info shows removing_mem=none",
+                s.mem_removal_waited_secs
+            ));
+        }
+        // The shrink under way already heads for this size.
+        plan.pending_mem = Some(want);
+        return Ok(());
+    }
+    if want > s.max_mem {
+        return Err(format!(
+            "mem={} exceeds max_mem={} (size + hotplug_size at start)",
+            format_size(want),
+            format_size(s.max_mem)
+        ));
+    }
+    if want > current {
+        let delta = want - current;
+        if !delta.is_multiple_of(MEMORY_HOTPLUG_ALIGN) {
+            return Err(format!(
+                "mem={}: growth by {} from {} is not a multiple of {}",
+                format_size(want),
+                format_size(delta),
+                format_size(current),
+                format_size(MEMORY_HOTPLUG_ALIGN)
+            ));
+        }
+        let mut start = s.window.start + s.hotplugged();
+        if start + delta > s.window.end {
+            return Err(format!(
+                "mem={}: only {} of the hotplug window is left this boot (reboot to reclaim alignment)",
+                format_size(want),
+                format_size(s.window.end.saturating_sub(start))
+            ));
+        }
+        // Removable memory comes in slots small enough to give back one by one.
+        let piece = s.removable_slot_size.unwrap_or(delta);
+        let needed = delta.div_ceil(piece) as usize;
+        let used = s.mem_slot_sizes.len();
+        if used >= s.mem_slots {
+            return Err(format!(
+                "all {} memory hotplug slots are used this boot; grow in larger steps or reboot",
+                s.mem_slots
+            ));
+        }
+        if used + needed > s.mem_slots {
+            return Err(format!(
+                "mem={}: growing by {} needs {needed} memory hotplug slots of {}, only {} are left this boot",
+                format_size(want),
+                format_size(delta),
+                format_size(piece),
+                s.mem_slots - used
+            ));
+        }
+        let mut left = delta;
+        for slot in used..used + needed {
+            let size = left.min(piece);
+            plan.add_mem.push((slot, start, size));
+            start += size;
+            left -= size;
+        }
+    } else if want < current {
+        if want < MIN_MEMORY_SIZE {
+            return Err(format!(
+                "mem={} is below the minimum of {}",
+                format_size(want),
+                format_size(MIN_MEMORY_SIZE)
+            ));
+        }
+        if !want.is_multiple_of(MEMORY_SIZE_ALIGN) {
+            return Err(format!(
+                "mem={} is not a multiple of {}",
+                format_size(want),
+                format_size(MEMORY_SIZE_ALIGN)
+            ));
+        }
+        let top_fits = s
+            .mem_slot_sizes
+            .last()
+            .is_some_and(|&top| current - top >= want);
+        if s.removable_slot_size.is_some() && top_fits {
+            plan.remove_mem_to = Some(want);
+        }
+    }
+    plan.pending_mem = Some(want);
+    Ok(())
 }
 
 /// The VMM-side operations a resize needs before it is announced.
@@ -159,22 +217,27 @@ pub trait Backend {
 /// Does the VMM-side work of `plan` through `backend`: memory first, then the vCPUs. If a step
 /// fails, everything done so far is undone in reverse order and the error says nothing changed.
 pub fn prepare(plan: &Plan, backend: &mut dyn Backend) -> Result<(), String> {
-    if let Some((_, start, size)) = plan.add_mem {
-        backend
-            .add_memory(start, size)
-            .map_err(|e| format!("resize failed, nothing changed: {e}"))?;
+    let failed = |e: String| format!("resize failed, nothing changed: {e}");
+    let unmap = |backend: &mut dyn Backend, count: usize| {
+        for _ in 0..count {
+            if let Err(e) = backend.remove_last_memory() {
+                log::error!("rolling back hot-added memory: {e}");
+            }
+        }
+    };
+    for (added, &(_, start, size)) in plan.add_mem.iter().enumerate() {
+        if let Err(e) = backend.add_memory(start, size) {
+            unmap(backend, added);
+            return Err(failed(e));
+        }
     }
     for id in plan.add_cpus.clone() {
         if let Err(e) = backend.start_vcpu(id) {
             for started in (plan.add_cpus.start..id).rev() {
                 backend.stop_vcpu(started);
             }
-            if plan.add_mem.is_some() {
-                if let Err(e) = backend.remove_last_memory() {
-                    log::error!("rolling back hot-added memory: {e}");
-                }
-            }
-            return Err(format!("resize failed, nothing changed: {e}"));
+            unmap(backend, plan.add_mem.len());
+            return Err(failed(e));
         }
     }
     Ok(())
@@ -197,9 +260,12 @@ mod tests {
             boot_mem: 512 * M,
             max_mem: 512 * M + 2 * G,
             window: 4 * G..6 * G,
-            hotplugged: 0,
+            mem_slot_sizes: vec![],
             mem_slots: 16,
-            used_mem_slots: 0,
+            removable_slot_size: None,
+            removing_mem: None,
+            mem_removal_waited_secs: 0,
+            target_mem: 512 * M,
         }
     }
 
@@ -240,28 +306,105 @@ mod tests {
         // Asking for the count already requested changes nothing; memory still works.
         let p = plan(&s, Some(1), Some(640 * M)).unwrap();
         assert_eq!((p.add_cpus, p.remove_cpus), (0..0, 0..0));
-        assert_eq!(p.add_mem, Some((0, 4 * G, 128 * M)));
+        assert_eq!(p.add_mem, [(0, 4 * G, 128 * M)]);
     }
 
     #[test]
     fn memory_plans() {
         let s = state();
         let p = plan(&s, None, Some(1536 * M)).unwrap();
-        assert_eq!(p.add_mem, Some((0, 4 * G, G)));
+        assert_eq!(p.add_mem, [(0, 4 * G, G)]);
         assert_eq!(p.pending_mem, Some(1536 * M));
-        // Shrinks only change the next boot.
-        let p = plan(&s, None, Some(256 * M)).unwrap();
-        assert_eq!((p.add_mem, p.pending_mem), (None, Some(256 * M)));
-        // The window fills from its start; slots are numbered in order.
+        // Without removable memory, shrinks only change the next boot.
         let grown = ResizeState {
-            hotplugged: G,
-            used_mem_slots: 1,
+            mem_slot_sizes: vec![G],
             ..state()
         };
+        let p = plan(&grown, None, Some(256 * M)).unwrap();
+        assert_eq!(p.add_mem, []);
+        assert_eq!((p.remove_mem_to, p.pending_mem), (None, Some(256 * M)));
+        // The window fills from its start; slots are numbered in order.
         assert_eq!(
             plan(&grown, None, Some(1664 * M)).unwrap().add_mem,
-            Some((1, 5 * G, 128 * M))
+            [(1, 5 * G, 128 * M)]
         );
+    }
+
+    fn removable(slots: Vec<u64>) -> ResizeState {
+        ResizeState {
+            mem_slot_sizes: slots,
+            removable_slot_size: Some(128 * M),
+            ..state()
+        }
+    }
+
+    #[test]
+    fn removable_memory_grows_in_small_slots_and_shrinks_live() {
+        let s = removable(vec![]);
+        let p = plan(&s, None, Some(896 * M)).unwrap();
+        assert_eq!(
+            p.add_mem,
+            [
+                (0, 4 * G, 128 * M),
+                (1, 4 * G + 128 * M, 128 * M),
+                (2, 4 * G + 256 * M, 128 * M)
+            ]
+        );
+        // 2 GiB in 128M slots is all 16: the whole window.
+        assert_eq!(plan(&s, None, Some(2560 * M)).unwrap().add_mem.len(), 16);
+        // Larger slots: the last one takes the rest.
+        let big = ResizeState {
+            removable_slot_size: Some(512 * M),
+            ..removable(vec![])
+        };
+        let sizes: Vec<u64> = plan(&big, None, Some(1664 * M))
+            .unwrap()
+            .add_mem
+            .iter()
+            .map(|a| a.2)
+            .collect();
+        assert_eq!(sizes, [512 * M, 512 * M, 128 * M]);
+
+        // A shrink that the top slot fits starts a live removal.
+        let grown = removable(vec![128 * M; 4]);
+        let p = plan(&grown, None, Some(768 * M)).unwrap();
+        assert_eq!(
+            (p.remove_mem_to, p.pending_mem),
+            (Some(768 * M), Some(768 * M))
+        );
+        // One below boot RAM removes what it can live; the rest waits for the reboot.
+        let p = plan(&grown, None, Some(256 * M)).unwrap();
+        assert_eq!(p.remove_mem_to, Some(256 * M));
+        // The top slot does not fit: only the next boot changes.
+        let coarse = removable(vec![512 * M]);
+        let p = plan(&coarse, None, Some(768 * M)).unwrap();
+        assert_eq!((p.remove_mem_to, p.pending_mem), (None, Some(768 * M)));
+        // CPUs and memory in one request.
+        let p = plan(&grown, Some(3), Some(896 * M)).unwrap();
+        assert_eq!((p.add_cpus, p.remove_mem_to), (1..3, Some(896 * M)));
+    }
+
+    #[test]
+    fn a_pending_memory_removal_blocks_other_sizes_only() {
+        let s = ResizeState {
+            removing_mem: Some(3),
+            mem_removal_waited_secs: 4,
+            target_mem: 768 * M,
+            ..removable(vec![128 * M; 4])
+        };
+        for mem in [640 * M, 2 * G, 768 * M + 128 * M] {
+            assert_eq!(
+                plan(&s, None, Some(mem)).unwrap_err(),
+                "removal of memory slot 3 still pending for 4s: the guest has not ejected it yet; retry when info shows removing_mem=none"
+            );
+        }
+        let p = plan(&s, Some(2), Some(768 * M)).unwrap();
+        assert_eq!(p.add_mem, []);
+        assert_eq!(
+            (p.add_cpus, p.remove_mem_to, p.pending_mem),
+            (1..2, None, Some(768 * M))
+        );
+        assert_eq!(plan(&s, Some(2), None).unwrap().add_cpus, 1..2);
     }
 
     #[test]
@@ -282,12 +425,17 @@ mod tests {
             "mem=104857601 is not a multiple of 1M"
         );
         let full = ResizeState {
-            used_mem_slots: 16,
+            mem_slot_sizes: vec![1 << 20; 16],
             ..state()
         };
         assert_eq!(
-            err(640 * M, &full),
+            err(656 * M, &full),
             "all 16 memory hotplug slots are used this boot; grow in larger steps or reboot"
+        );
+        let nearly = removable(vec![M; 14]);
+        assert_eq!(
+            err(910 * M, &nearly),
+            "mem=910M: growing by 384M needs 3 memory hotplug slots of 128M, only 2 are left this boot"
         );
         let tight = ResizeState {
             window: 4 * G..4 * G + 256 * M,
@@ -346,6 +494,40 @@ mod tests {
 
     fn both() -> Plan {
         plan(&state(), Some(4), Some(1536 * M)).unwrap()
+    }
+
+    #[test]
+    fn a_failed_second_memory_slot_unmaps_the_first() {
+        struct FailSecond(Fake);
+        impl Backend for FailSecond {
+            fn add_memory(&mut self, start: u64, size: u64) -> Result<(), String> {
+                if !self.0.mem.is_empty() {
+                    self.0.fail_mem = true;
+                }
+                self.0.add_memory(start, size)
+            }
+            fn remove_last_memory(&mut self) -> Result<(), String> {
+                self.0.remove_last_memory()
+            }
+            fn start_vcpu(&mut self, id: u32) -> Result<(), String> {
+                self.0.start_vcpu(id)
+            }
+            fn stop_vcpu(&mut self, id: u32) {
+                self.0.stop_vcpu(id)
+            }
+        }
+        let p = plan(&removable(vec![]), Some(2), Some(768 * M)).unwrap();
+        let mut f = FailSecond(Fake::default());
+        assert!(prepare(&p, &mut f).is_err());
+        assert_eq!(
+            f.0.calls,
+            [
+                "add_memory 0x100000000",
+                "add_memory 0x108000000",
+                "remove_last_memory"
+            ]
+        );
+        assert!(f.0.mem.is_empty() && f.0.running.is_empty());
     }
 
     #[test]

@@ -55,6 +55,8 @@ pub enum VcpuEvent {
     },
     /// The guest ejected this vCPU (`_EJ0`); its thread must be stopped.
     Ejected(u32),
+    /// The guest ejected this memory slot (`_EJ0`); its memory must be unmapped.
+    MemEjected(u32),
     /// This vCPU came online: the guest kernel set up its SYSCALL entry (IA32_LSTAR).
     Online(u32),
     /// The guest reported a hotplug status through `_OST`.
@@ -308,6 +310,10 @@ fn handle_exit(id: u32, exit: VcpuExit<'_>, ctx: &VcpuContext) -> Next {
         }
         Some(DeviceEvent::CpuEject(cpu)) => {
             ctx.events.send(VcpuEvent::Ejected(cpu));
+            Next::Continue
+        }
+        Some(DeviceEvent::MemEject(slot)) => {
+            ctx.events.send(VcpuEvent::MemEjected(slot));
             Next::Continue
         }
         Some(ost @ (DeviceEvent::CpuOst { .. } | DeviceEvent::MemOst { .. })) => {

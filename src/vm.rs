@@ -221,7 +221,7 @@ impl Vm {
             userspace_addr: host,
         };
         // SAFETY: the host range [host, host + size) is `mapping`, which this Vm keeps (and so
-        // keeps mapped) for as long as the slot exists: until remove_last_memory deletes the slot,
+        // keeps mapped) for as long as the slot exists: until remove_memory deletes the slot,
         // or the VM fd is closed (the field order makes `fd` drop first).
         unsafe { self.fd.set_user_memory_region(mem_region) }
             .map_err(|e| VmError::Ioctl("KVM_SET_USER_MEMORY_REGION", e))?;
@@ -233,9 +233,23 @@ impl Vm {
 
     /// Undoes the last [`Vm::add_memory`] (used to roll back a failed resize).
     pub fn remove_last_memory(&mut self) -> Result<(), VmError> {
-        let Some(&(slot, addr, size)) = self.slots.last() else {
-            return Ok(());
+        match self.slots.last() {
+            Some(&(_, addr, _)) => self.remove_memory(addr),
+            None => Ok(()),
+        }
+    }
+
+    /// Unregisters the memory added at `addr` by [`Vm::add_memory`] from KVM and unmaps it (its
+    /// host memory is returned to the system). Nothing changes on error.
+    pub fn remove_memory(&mut self, addr: GuestAddress) -> Result<(), VmError> {
+        let Some(index) = self.slots.iter().position(|&(_, a, _)| a == addr) else {
+            return Err(VmError::Memory {
+                addr: addr.0,
+                size: 0,
+                reason: "no memory was added at this address".into(),
+            });
         };
+        let (slot, _, size) = self.slots[index];
         let mem_region = kvm_userspace_memory_region {
             slot,
             flags: 0,
@@ -243,9 +257,6 @@ impl Vm {
             memory_size: 0,
             userspace_addr: 0,
         };
-        // SAFETY: a zero-sized region deletes the slot; no host memory is referenced.
-        unsafe { self.fd.set_user_memory_region(mem_region) }
-            .map_err(|e| VmError::Ioctl("KVM_SET_USER_MEMORY_REGION (delete)", e))?;
         let (memory, _) = self
             .memory
             .remove_region(addr, size)
@@ -254,18 +265,21 @@ impl Vm {
                 size,
                 reason: e.to_string(),
             })?;
+        // SAFETY: a zero-sized region deletes the slot; no host memory is referenced.
+        unsafe { self.fd.set_user_memory_region(mem_region) }
+            .map_err(|e| VmError::Ioctl("KVM_SET_USER_MEMORY_REGION (delete)", e))?;
         self.memory = memory;
-        self.slots.pop();
+        self.slots.remove(index);
         // The slot and the region are gone: nothing refers to the mapping any more.
-        self.mappings.pop();
+        self.mappings.remove(index);
         Ok(())
     }
 
+    /// The lowest KVM slot number not in use.
     fn free_slot(&self) -> Result<u32, VmError> {
-        let slot = self.slots.len() as u32;
-        if slot >= self.max_slots {
-            return Err(VmError::NoSlot(self.max_slots));
-        }
+        let slot = (0..self.max_slots)
+            .find(|n| self.slots.iter().all(|&(s, _, _)| s != *n))
+            .ok_or(VmError::NoSlot(self.max_slots))?;
         Ok(slot)
     }
 

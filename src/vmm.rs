@@ -21,6 +21,7 @@ use crate::devices::ged::{GED_CPU, GED_MEMORY, GED_POWER_BUTTON};
 use crate::devices::{lock, DeviceEvent, ResetCause};
 use crate::events::Event;
 use crate::machine::{BootSpec, Host, Machine, MachineError, SharedWriter};
+use crate::memory_manager::Step;
 use crate::ost;
 use crate::resize::{self, ResizeState};
 use crate::seccomp::BpfProgram;
@@ -177,6 +178,12 @@ impl Vmm {
                         self.events.extend(m.cpus.reap(cpu));
                     }
                 }
+                VcpuEvent::MemEjected(slot) => {
+                    if let Some(m) = self.machine.as_mut() {
+                        let step = m.reap_memory(Some(slot as usize));
+                        self.apply(step);
+                    }
+                }
                 VcpuEvent::Ost(ost) => self.on_ost(ost),
                 VcpuEvent::BootMarker { value, at } => self.on_boot_marker(value, at),
                 VcpuEvent::Online(cpu) => {
@@ -267,12 +274,53 @@ impl Vmm {
             return;
         }
         log::warn!("guest _OST {text}: the guest refused the request");
-        if let (DeviceEvent::CpuOst { cpu, .. }, Some(m)) = (report, self.machine.as_mut()) {
-            if ost::is_eject(event) && m.cpus.withdraw_removal(cpu) {
-                log::warn!("removal of vCPU {cpu} withdrawn; it stays present");
+        if let (true, Some(m)) = (ost::is_eject(event), self.machine.as_mut()) {
+            match report {
+                DeviceEvent::CpuOst { cpu, .. } if m.cpus.withdraw_removal(cpu) => {
+                    log::warn!("removal of vCPU {cpu} withdrawn; it stays present");
+                }
+                DeviceEvent::MemOst { slot, .. } => {
+                    self.events.extend(
+                        m.memory
+                            .withdraw(slot as usize, &ost::describe(event, status)),
+                    );
+                }
+                _ => {}
             }
         }
         self.last_ost = Some(text);
+    }
+
+    /// Carries out a step of a live memory removal: its events, and the GED interrupt that
+    /// tells the guest about the next slot to eject.
+    fn apply(&mut self, step: Step) {
+        self.events.extend(step.events);
+        if let (true, Some(m)) = (step.notify, self.machine.as_ref()) {
+            if let Err(e) = lock(&m.ged).notify(GED_MEMORY) {
+                log::error!("raising the GED interrupt: {e}");
+            }
+        }
+    }
+
+    /// When the VMM next needs the loop to wake up without an event: the deadline of a live
+    /// memory removal.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.machine.as_ref()?.memory.removal_deadline()
+    }
+
+    /// Handles a deadline from [`Vmm::next_deadline`] that has passed: a memory slot the guest
+    /// has not ejected in time is withdrawn.
+    pub fn on_deadline(&mut self) {
+        let Some(m) = self.machine.as_mut() else {
+            return;
+        };
+        // The guest may have ejected it just now; its event may still be queued.
+        let step = m.reap_memory(None);
+        self.apply(step);
+        if let Some(m) = self.machine.as_mut() {
+            let timed_out = m.memory.check_timeout(Instant::now());
+            self.events.extend(timed_out);
+        }
     }
 
     /// Feeds host input to the guest's UART; returns how many bytes it accepted.
@@ -295,6 +343,7 @@ impl Vmm {
             max_mem: self.max_mem(),
             hotplug_slots_free: 0,
             removing: Vec::new(),
+            removing_mem: Vec::new(),
             last_ost: self.last_ost.clone(),
             uptime: self.process_started.elapsed(),
             boot_marker: None,
@@ -310,6 +359,7 @@ impl Vmm {
             mem: m.memory.size(),
             hotplug_slots_free: (slots - used) as u32,
             removing: m.cpus.removing(),
+            removing_mem: m.memory.removing().map(|s| s as u32).into_iter().collect(),
             boot_marker: m.boot_marker,
             ..stopped
         }
@@ -326,7 +376,16 @@ impl ControlTarget for Vmm {
             return Err("the VM is not running".into());
         };
         self.events.extend(m.cpus.reap_all_ejected());
-        let plan = resize::plan(&resize_state(&self.host.config, m), cpus, mem)?;
+        let step = m.reap_memory(None);
+        self.apply(step);
+        let Some(m) = self.machine.as_mut() else {
+            return Err("the VM is not running".into());
+        };
+        let plan = resize::plan(
+            &resize_state(&self.host.config, m, self.next.mem),
+            cpus,
+            mem,
+        )?;
         // VMM-side work first; undone if any part fails, since nothing has been announced yet.
         let started = Instant::now();
         resize::prepare(&plan, m)?;
@@ -334,9 +393,16 @@ impl ControlTarget for Vmm {
 
         // Commit to the controllers and announce with a single GED interrupt.
         let mut flags = 0u8;
-        if let Some((slot, start, size)) = plan.add_mem {
+        for &(slot, start, size) in &plan.add_mem {
             self.events.push(m.memory.commit_add(slot, start, size));
             flags |= GED_MEMORY;
+        }
+        if let Some(target) = plan.remove_mem_to {
+            let step = m.memory.start_removal(target);
+            if step.notify {
+                flags |= GED_MEMORY;
+            }
+            self.events.extend(step.events);
         }
         let cpu_events = m
             .cpus
@@ -382,8 +448,8 @@ impl ControlTarget for Vmm {
 }
 
 /// The planner's view of machine `m` under `config`.
-fn resize_state(config: &VmConfig, m: &Machine) -> ResizeState {
-    let (mem_slots, used_mem_slots) = m.memory.slots();
+fn resize_state(config: &VmConfig, m: &Machine, target_mem: u64) -> ResizeState {
+    let (mem_slots, _) = m.memory.slots();
     ResizeState {
         max_cpus: config.cpus.max,
         present_cpus: m.cpus.present(),
@@ -393,9 +459,12 @@ fn resize_state(config: &VmConfig, m: &Machine) -> ResizeState {
         boot_mem: m.memory.boot_size(),
         max_mem: config.memory.max(),
         window: m.memory.window(),
-        hotplugged: m.memory.hotplugged(),
+        mem_slot_sizes: m.memory.slot_sizes(),
         mem_slots,
-        used_mem_slots,
+        removable_slot_size: m.memory.removable_slot_size(),
+        removing_mem: m.memory.removing(),
+        mem_removal_waited_secs: m.memory.removal_waited_secs(),
+        target_mem,
     }
 }
 

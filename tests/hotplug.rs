@@ -479,3 +479,143 @@ fn embedded_example_hot_adds_and_powers_off() {
         }
     });
 }
+
+/// The VMM's resident memory in KiB.
+fn vmm_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// Removable memory (issue 11): hot-added RAM is onlined movable; a shrink takes it back while
+/// the guest runs (MemTotal drops, the data in it survives, minivmm's RSS drops); a grow reuses
+/// the slots; a removal the guest refuses is withdrawn and the shrink waits for the reboot.
+#[test]
+fn hotplug_memory_removed_live() {
+    run_in_test_host("hotplug_memory_removed_live", || {
+        let mut vm = Vm::boot(
+            VmOptions::elf()
+                .cpus("boot=1,max=2")
+                .memory("size=512M,hotplug_size=2G,removable=on")
+                .control(),
+        );
+        let cmdline = vm.sh("cat /proc/cmdline");
+        assert!(
+            cmdline
+                .split_whitespace()
+                .any(|w| w == "memhp_default_state=online_movable"),
+            "removable memory is onlined movable: {cmdline}"
+        );
+        let base = vm.mem_total_kib();
+        assert_reply(
+            &vm.control("resize mem=2G"),
+            &[("mem", "2G"), ("pending_mem", "2G")],
+        );
+        let mut at_2g = 0;
+        vm.poll("MemTotal grows by 1.5 GiB", HOTPLUG_TIMEOUT, |vm| {
+            at_2g = vm.mem_total_kib();
+            at_2g >= base + 1500 * MIB
+        });
+        let movable =
+            vm.sh_u64("cat /sys/devices/system/memory/memory*/valid_zones | grep -c Movable");
+        assert!(
+            movable >= 12,
+            "hot-added blocks are movable: {movable} of 12"
+        );
+
+        // Fill: data that must survive, and 900M of scratch the guest frees again (the host
+        // keeps it resident until the slots go).
+        // (/tmp was sized at boot, to half of the boot RAM.)
+        vm.sh("mount -o remount,size=1800M /tmp");
+        vm.sh("dd if=/dev/urandom of=/tmp/keep bs=1M count=48 2>/dev/null");
+        let sum = vm.sh("md5sum /tmp/keep");
+        vm.sh("dd if=/dev/zero of=/tmp/scratch bs=1M count=900 2>/dev/null && rm /tmp/scratch");
+        let rss_before = vmm_rss_kib(vm.pid());
+
+        let reply = vm.control("resize mem=1G");
+        assert_reply(&reply, &[("mem", "2G"), ("pending_mem", "1G")]);
+        let took = vm.poll(
+            "MemTotal drops by 1 GiB and info shows mem=1G",
+            HOTPLUG_TIMEOUT,
+            |vm| {
+                let info = vm.info();
+                info.get("mem").map(String::as_str) == Some("1G")
+                    && info.get("removing_mem").map(String::as_str) == Some("none")
+            },
+        );
+        let shrunk = vm.mem_total_kib();
+        assert!(
+            shrunk + 1000 * MIB <= at_2g && shrunk + 1030 * MIB >= at_2g,
+            "MemTotal {at_2g} -> {shrunk} kB, want 1 GiB less"
+        );
+        assert_eq!(
+            vm.sh("md5sum /tmp/keep"),
+            sum,
+            "data in the removed range survived"
+        );
+        let rss_after = vmm_rss_kib(vm.pid());
+        println!(
+            "live shrink 2G -> 1G in {:.2}s; MemTotal {} -> {} MiB; minivmm RSS {} -> {} MiB",
+            took.as_secs_f64(),
+            mib(at_2g),
+            mib(shrunk),
+            mib(rss_before),
+            mib(rss_after)
+        );
+        assert!(
+            rss_after + 256 * MIB <= rss_before,
+            "minivmm's RSS did not drop: {rss_before} -> {rss_after} kB"
+        );
+        let info = vm.info();
+        assert_eq!(info.get("pending_mem").map(String::as_str), Some("1G"));
+        assert_eq!(
+            info.get("hotplug_slots_free").map(String::as_str),
+            Some("12")
+        );
+
+        // Grow again: the slots come back.
+        assert_reply(&vm.control("resize mem=1536M"), &[("mem", "1536M")]);
+        vm.poll("MemTotal grows by 512 MiB again", HOTPLUG_TIMEOUT, |vm| {
+            vm.mem_total_kib() >= shrunk + 500 * MIB
+        });
+
+        // The guest refuses (its ACPI memory eject is disabled): the removal is withdrawn,
+        // nothing changes live and the shrink waits for the reboot.
+        vm.sh("echo 0 > /sys/firmware/acpi/hotplug/memory/enabled");
+        let before = vm.mem_total_kib();
+        assert_reply(&vm.control("resize mem=1G"), &[("pending_mem", "1G")]);
+        vm.poll("info shows the refused removal", HOTPLUG_TIMEOUT, |vm| {
+            let info = vm.info();
+            info.get("removing_mem").map(String::as_str) == Some("none")
+                && info
+                    .get("last_ost")
+                    .is_some_and(|o| o.ends_with(":eject:not-supported"))
+        });
+        let info = vm.info();
+        assert_eq!(
+            info.get("mem").map(String::as_str),
+            Some("1536M"),
+            "{info:?}"
+        );
+        assert_eq!(info.get("pending_mem").map(String::as_str), Some("1G"));
+        assert_eq!(
+            vm.mem_total_kib(),
+            before,
+            "a refused removal changes nothing"
+        );
+
+        assert_eq!(vm.control("reboot"), "ok rebooting");
+        vm.wait_ready();
+        let after = vm.mem_total_kib();
+        assert!(
+            after > 900 * MIB && after <= 1024 * MIB,
+            "MemTotal after the reboot is {after} kB, want about 1 GiB"
+        );
+        assert_eq!(vm.info().get("mem").map(String::as_str), Some("1G"));
+        vm.write_line("poweroff -f");
+        assert_eq!(vm.wait_exit(EXIT_TIMEOUT), 0);
+    });
+}

@@ -12,8 +12,8 @@ mod tiny;
 
 use tiny::{
     echo_until_bang, out_byte, out_byte_then_halt, out_word_then_halt, print_then, pvh_elf,
-    CF9_RESET, HALT_FOREVER, HOSTILE, KBD_RESET, LSTAR_NON_CANONICAL, LSTAR_ROUND_TRIP, POWER_OFF,
-    RESET, TRIPLE_FAULT,
+    CF9_RESET, EJECTING_GUEST, HALT_FOREVER, HOSTILE, KBD_RESET, LSTAR_NON_CANONICAL,
+    LSTAR_ROUND_TRIP, POWER_OFF, RESET, TRIPLE_FAULT,
 };
 
 fn temp_path(name: &str) -> PathBuf {
@@ -1070,7 +1070,7 @@ fn a_hostile_guest_cannot_crash_or_stall_minivmm() {
             "--cpus",
             "boot=1,max=4",
             "--memory",
-            "size=64M,hotplug_size=512M",
+            "size=64M,hotplug_size=512M,removable=on,remove_timeout=1",
             "--pvpanic",
             "off",
         ],
@@ -1110,6 +1110,182 @@ fn a_hostile_guest_cannot_crash_or_stall_minivmm() {
         "hostile guest: {asked} info+resize pairs answered, {} log lines",
         log.lines().count()
     );
+}
+
+/// How many anonymous mappings of exactly `size` bytes process `pid` has (guest RAM slots; the
+/// rest of minivmm has none of 128 MiB).
+fn mappings_of(pid: u32, size: u64) -> usize {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
+    maps.lines()
+        .filter(|l| {
+            let mut cols = l.split_whitespace();
+            let (Some(range), Some(perms)) = (cols.next(), cols.next()) else {
+                return false;
+            };
+            let anonymous = cols.nth(3).is_none();
+            let len = range.split_once('-').and_then(|(a, b)| {
+                Some(u64::from_str_radix(b, 16).ok()? - u64::from_str_radix(a, 16).ok()?)
+            });
+            perms.starts_with("rw") && anonymous && len == Some(size)
+        })
+        .count()
+}
+
+/// Reads event lines until one starts with `prefix`; returns the lines read.
+fn events_until(w: &mut Client, prefix: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    loop {
+        let line = w.reply();
+        let done = line.starts_with(prefix);
+        seen.push(line);
+        if done {
+            return seen;
+        }
+        assert!(seen.len() < 100, "no {prefix:?} in {seen:?}");
+    }
+}
+
+/// A live shrink with removable memory and a guest that ejects what it is asked to: slots go
+/// one at a time from the top, each unmapped after its eject (its host mapping is gone),
+/// down to the largest size at or above the target; the rest waits for the reboot. A grow
+/// afterwards reuses the slots.
+#[test]
+fn a_live_memory_shrink_unmaps_each_slot_after_the_guests_eject() {
+    let vm = Controlled::start_with(
+        "mem-eject",
+        EJECTING_GUEST,
+        &[
+            "--cpus",
+            "boot=1,max=2",
+            "--memory",
+            "size=64M,hotplug_size=1G,removable=on",
+        ],
+    );
+    let mut w = vm.connect();
+    assert_eq!(w.ask("watch"), "ok watching");
+    let mut c = vm.connect();
+    assert_eq!(
+        c.ask("resize cpus=2 mem=576M"),
+        "ok cpus=2 pending_cpus=2 mem=576M pending_mem=576M"
+    );
+    let added = events_until(&mut w, "event cpu-added cpu=1");
+    assert_eq!(
+        added,
+        [
+            "event mem-added slot=0 start=0x100000000 size=128M",
+            "event mem-added slot=1 start=0x108000000 size=128M",
+            "event mem-added slot=2 start=0x110000000 size=128M",
+            "event mem-added slot=3 start=0x118000000 size=128M",
+            "event cpu-added cpu=1",
+        ]
+    );
+    let pid = vm.child.id();
+    assert_eq!(mappings_of(pid, 128 << 20), 4, "one mapping per slot");
+    // 150M: slots 3, 2 and 1 go live (192M stays at or above it; without slot 0 it would be
+    // 64M); the last 42M wait for the reboot.
+    assert_eq!(
+        c.ask("resize mem=150M"),
+        "ok cpus=2 pending_cpus=2 mem=576M pending_mem=150M"
+    );
+    let removed = events_until(&mut w, "event mem-removed slot=1 ");
+    let want = [
+        "event mem-removing slot=3 start=0x118000000 size=128M",
+        "event mem-removed slot=3 size=128M",
+        "event mem-removing slot=2 start=0x110000000 size=128M",
+        "event mem-removed slot=2 size=128M",
+        "event mem-removing slot=1 start=0x108000000 size=128M",
+        "event mem-removed slot=1 size=128M",
+    ];
+    assert_eq!(removed, want);
+    let info = c.ask("info");
+    for (k, v) in [
+        ("mem", "192M"),
+        ("pending_mem", "150M"),
+        ("removing_mem", "none"),
+        ("hotplug_slots_free", "7"),
+        ("cpus", "2"),
+    ] {
+        assert_eq!(field(&info, k), v, "{k} in {info}");
+    }
+    assert_eq!(
+        mappings_of(pid, 128 << 20),
+        1,
+        "the three ejected slots are unmapped"
+    );
+    // Grow again: the freed slots and addresses are reused.
+    assert_eq!(
+        c.ask("resize mem=448M"),
+        "ok cpus=2 pending_cpus=2 mem=448M pending_mem=448M"
+    );
+    assert_eq!(
+        events_until(&mut w, "event mem-added slot=2 "),
+        [
+            "event mem-added slot=1 start=0x108000000 size=128M",
+            "event mem-added slot=2 start=0x110000000 size=128M",
+        ]
+    );
+    assert_eq!(mappings_of(pid, 128 << 20), 3);
+    assert!(c.ask("shutdown").starts_with("ok"));
+    assert_eq!(vm.wait(), 0);
+}
+
+/// A guest that never ejects: the removal is withdrawn after `remove_timeout`, the slot stays,
+/// the shrink waits for the reboot, and memory resizes are accepted again. While it waits, only
+/// the same target is accepted.
+#[test]
+fn an_unanswered_memory_removal_is_withdrawn_after_the_timeout() {
+    let vm = Controlled::start_with(
+        "mem-timeout",
+        HALT_FOREVER,
+        &[
+            "--memory",
+            "size=64M,hotplug_size=512M,removable=on,remove_timeout=1",
+        ],
+    );
+    let mut w = vm.connect();
+    assert_eq!(w.ask("watch"), "ok watching");
+    let mut c = vm.connect();
+    assert!(c.ask("resize mem=320M").starts_with("ok "));
+    assert_eq!(
+        c.ask("resize mem=192M"),
+        "ok cpus=1 pending_cpus=1 mem=320M pending_mem=192M"
+    );
+    let asked = Instant::now();
+    assert_eq!(field(&c.ask("info"), "removing_mem"), "1");
+    let refused = c.ask("resize mem=64M");
+    assert!(
+        refused.starts_with("error removal of memory slot 1 still pending for "),
+        "{refused}"
+    );
+    assert!(c.ask("resize mem=192M").starts_with("ok "), "same target");
+    let seen = events_until(&mut w, "event mem-remove-withdrawn ");
+    let waited = asked.elapsed();
+    assert_eq!(
+        seen.last().map(String::as_str),
+        Some("event mem-remove-withdrawn slot=1 reason=timeout"),
+        "{seen:?}"
+    );
+    assert!(
+        seen.contains(&"event mem-removing slot=1 start=0x108000000 size=128M".to_string()),
+        "{seen:?}"
+    );
+    assert!(
+        waited >= Duration::from_millis(900),
+        "withdrawn after {waited:?}"
+    );
+    let info = c.ask("info");
+    for (k, v) in [
+        ("mem", "320M"),
+        ("pending_mem", "192M"),
+        ("removing_mem", "none"),
+    ] {
+        assert_eq!(field(&info, k), v, "{k} in {info}");
+    }
+    assert!(c
+        .ask("resize mem=448M")
+        .starts_with("ok cpus=1 pending_cpus=1 mem=448M"));
+    assert!(c.ask("shutdown").starts_with("ok"));
+    assert_eq!(vm.wait(), 0);
 }
 
 #[test]

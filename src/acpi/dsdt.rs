@@ -97,6 +97,7 @@ const MNEV: &str = "\\_SB_.MHPC.MNEV";
 const MEN: &str = "\\_SB_.MHPC.MEN_";
 const MINS: &str = "\\_SB_.MHPC.MINS";
 const MRMV: &str = "\\_SB_.MHPC.MRMV";
+const MEJ0: &str = "\\_SB_.MHPC.MEJ0";
 const MHBL: &str = "\\_SB_.MHPC.MHBL";
 const MHBH: &str = "\\_SB_.MHPC.MHBH";
 const MHLL: &str = "\\_SB_.MHPC.MHLL";
@@ -640,24 +641,33 @@ fn memory_crs_method() -> RawAml {
     )))
 }
 
-/// The memory device `Mnnn` of `slot`.
-fn memory_device(slot: usize) -> Vec<u8> {
+/// The memory device `Mnnn` of `slot`, with an `_EJ0` if hot-added memory is `removable`.
+fn memory_device(slot: usize, removable: bool) -> Vec<u8> {
     let index = slot as u64;
+    let hid = name("_HID", &aml::EISAName::new("PNP0C80"));
+    let uid = name("_UID", &index);
+    let sta = forward0("_STA", "MSTA", &index);
+    let crs = forward0("_CRS", "MCRS", &index);
+    let ost = ost_method("MOST", &index);
+    let eject = RawAml(aml_bytes(&aml::Method::new(
+        "_EJ0".into(),
+        1,
+        false,
+        vec![&aml::MethodCall::new("MDEJ".into(), vec![&index])],
+    )));
+    let mut children: Vec<&dyn Aml> = vec![&hid, &uid, &sta, &crs, &ost];
+    if removable {
+        children.push(&eject);
+    }
     aml_bytes(&aml::Device::new(
         Path::new(&memory_device_name(slot)),
-        vec![
-            &name("_HID", &aml::EISAName::new("PNP0C80")),
-            &name("_UID", &index),
-            &forward0("_STA", "MSTA", &index),
-            &forward0("_CRS", "MCRS", &index),
-            &ost_method("MOST", &index),
-        ],
+        children,
     ))
 }
 
-/// The memory hotplug controller `MHPC` with `slots` PNP0C80 devices, or only an empty `MSCN`
-/// (so `ESCN` resolves) when there are none.
-fn memory_controller(slots: usize) -> Vec<u8> {
+/// The memory hotplug controller `MHPC` with `slots` PNP0C80 devices (ejectable if
+/// `removable`), or only an empty `MSCN` (so `ESCN` resolves) when there are none.
+fn memory_controller(slots: usize, removable: bool) -> Vec<u8> {
     let hid = name("_HID", &aml::EISAName::new("PNP0A06"));
     let uid = name("_UID", &"Memory Hotplug Controller");
     if slots == 0 {
@@ -700,7 +710,23 @@ fn memory_controller(slots: usize) -> Vec<u8> {
             &aml::Release::new(MLCK.into()),
         ],
     )));
-    let devices = RawAml((0..slots).flat_map(memory_device).collect());
+    // MDEJ(slot): the guest's eject of a slot it has offlined and removed.
+    let mdej = RawAml(aml_bytes(&aml::Method::new(
+        "MDEJ".into(),
+        1,
+        true,
+        vec![
+            &aml::Acquire::new(MLCK.into(), WAIT_FOREVER),
+            &aml::Store::new(&Path::new(MSEL), &aml::Arg(0)),
+            &aml::Store::new(&Path::new(MEJ0), &aml::ONE),
+            &aml::Release::new(MLCK.into()),
+        ],
+    )));
+    let devices = RawAml(
+        (0..slots)
+            .flat_map(|slot| memory_device(slot, removable))
+            .collect(),
+    );
     aml_bytes(&aml::Device::new(
         "MHPC".into(),
         vec![
@@ -727,14 +753,24 @@ fn memory_controller(slots: usize) -> Vec<u8> {
             &msta,
             &memory_crs_method(),
             &most,
+            &mdej,
             &devices,
         ],
     ))
 }
 
-/// Builds the complete DSDT for `max_cpus` possible CPUs and `memory_slots` memory slots, with
-/// the pvpanic device if `pvpanic_device`.
-pub(super) fn build(max_cpus: u8, memory_slots: usize, pvpanic_device: bool) -> Vec<u8> {
+/// The memory devices the DSDT describes.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct MemoryDevices {
+    /// Number of PNP0C80 slots.
+    pub(super) slots: usize,
+    /// Whether each has an `_EJ0` (hot-added memory is removable).
+    pub(super) ejectable: bool,
+}
+
+/// Builds the complete DSDT for `max_cpus` possible CPUs and the `memory` devices, with the
+/// pvpanic device if `pvpanic_device`.
+pub(super) fn build(max_cpus: u8, memory: MemoryDevices, pvpanic_device: bool) -> Vec<u8> {
     let mut sb = Vec::new();
     sb.extend(com1());
     sb.extend(rtc());
@@ -745,7 +781,7 @@ pub(super) fn build(max_cpus: u8, memory_slots: usize, pvpanic_device: bool) -> 
     sb.extend(ged());
     sb.extend(cpu_controller());
     sb.extend(cpu_container(max_cpus));
-    sb.extend(memory_controller(memory_slots));
+    sb.extend(memory_controller(memory.slots, memory.ejectable));
 
     let mut dsdt = Sdt::new(
         *b"DSDT",
@@ -763,6 +799,14 @@ pub(super) fn build(max_cpus: u8, memory_slots: usize, pvpanic_device: bool) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Memory devices without `_EJ0`.
+    fn fixed(slots: usize) -> MemoryDevices {
+        MemoryDevices {
+            slots,
+            ejectable: false,
+        }
+    }
 
     #[test]
     fn patched_cpu_devices_equal_built_ones() {
@@ -791,7 +835,7 @@ mod tests {
 
     #[test]
     fn header_revision_and_checksum() {
-        let dsdt = build(4, 2, true);
+        let dsdt = build(4, fixed(2), true);
         assert_eq!(&dsdt[0..4], b"DSDT");
         assert_eq!(dsdt[8], DSDT_REVISION);
         assert_eq!(
@@ -803,7 +847,7 @@ mod tests {
 
     #[test]
     fn mat_buffers_have_enabled_bit() {
-        let dsdt = build(6, 0, true);
+        let dsdt = build(6, fixed(0), true);
         for cpu in 0..6u8 {
             // Name(_MAT, Buffer(8) { type 0, len 8, uid, apic id, flags = Enabled })
             let mut mat = b"_MAT".to_vec();
@@ -814,7 +858,7 @@ mod tests {
 
     #[test]
     fn cpu_devices_and_eject() {
-        let dsdt = build(3, 0, true);
+        let dsdt = build(3, fixed(0), true);
         for cpu in 0..3u8 {
             assert!(contains(&dsdt, cpu_device_name(cpu).as_bytes()));
         }
@@ -825,21 +869,32 @@ mod tests {
 
     #[test]
     fn memory_slots() {
-        let none = build(1, 0, true);
+        let none = build(1, fixed(0), true);
         assert!(contains(&none, b"MSCN"));
         assert!(!contains(&none, b"M000"));
         // No PNP0C80 (EISA id bytes 41 D0 0C 80) device without slots.
         assert!(!contains(&none, &[0x41, 0xd0, 0x0c, 0x80]));
-        let some = build(1, 3, true);
+        let some = build(1, fixed(3), true);
         for slot in 0..3 {
             assert!(contains(&some, memory_device_name(slot).as_bytes()));
         }
         assert!(!contains(&some, b"M003"));
+        assert!(!contains(&some, b"_EJ0"), "not removable: no memory eject");
+        let removable = build(
+            1,
+            MemoryDevices {
+                slots: 3,
+                ejectable: true,
+            },
+            true,
+        );
+        assert_eq!(removable.windows(4).filter(|w| w == b"_EJ0").count(), 3);
+        assert!(contains(&removable, b"MDEJ"));
     }
 
     #[test]
     fn s5_package() {
-        let dsdt = build(1, 0, true);
+        let dsdt = build(1, fixed(0), true);
         // Name(\_S5_, Package(4) { 5, 0, 0, 0 })
         assert!(contains(
             &dsdt,
@@ -849,7 +904,7 @@ mod tests {
 
     #[test]
     fn pvpanic_device_only_when_asked() {
-        let with = build(1, 0, true);
+        let with = build(1, fixed(0), true);
         assert!(contains(&with, b"PEVT"));
         assert!(contains(&with, b"QEMU0001"));
         // IO descriptor: 0x47, decode16, min = max = 0x505, align 1, len 1.
@@ -857,7 +912,7 @@ mod tests {
             &with,
             &[0x47, 0x01, 0x05, 0x05, 0x05, 0x05, 0x01, 0x01]
         ));
-        let without = build(1, 0, false);
+        let without = build(1, fixed(0), false);
         assert!(!contains(&without, b"PEVT"));
         assert!(!contains(&without, b"QEMU0001"));
     }

@@ -116,6 +116,8 @@ pub struct AcpiConfig {
     /// Number of PNP0C80 memory hotplug slots (0 = no memory hotplug, only an `MSCN` stub);
     /// at most [`layout::MAX_MEMORY_HOTPLUG_SLOTS`].
     pub memory_slots: usize,
+    /// Whether the memory devices can be ejected (`_EJ0`): hot-added memory is removable.
+    pub memory_removable: bool,
     /// Whether the DSDT describes the pvpanic device (`QEMU0001` at [`layout::ports::PVPANIC`]).
     pub pvpanic: bool,
 }
@@ -222,7 +224,11 @@ pub fn build(cfg: &AcpiConfig) -> Result<AcpiTables, AcpiError> {
         addr
     };
 
-    let dsdt_addr = place("DSDT", dsdt::build(max_cpus, cfg.memory_slots, cfg.pvpanic));
+    let memory = dsdt::MemoryDevices {
+        slots: cfg.memory_slots,
+        ejectable: cfg.memory_removable,
+    };
+    let dsdt_addr = place("DSDT", dsdt::build(max_cpus, memory, cfg.pvpanic));
     let madt_addr = place("APIC", madt::build(boot_cpus, max_cpus));
     let fadt_addr = place("FACP", fadt::build(dsdt_addr));
     let mut xsdt = XSDT::new(OEM_ID, *b"MVMXSDT ", OEM_REVISION);

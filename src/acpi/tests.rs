@@ -14,18 +14,21 @@ const SMALL: AcpiConfig = AcpiConfig {
     boot_cpus: 1,
     max_cpus: 4,
     memory_slots: 16,
+    memory_removable: true,
     pvpanic: true,
 };
 const LARGEST: AcpiConfig = AcpiConfig {
     boot_cpus: 2,
     max_cpus: layout::MAX_VCPUS,
     memory_slots: layout::MAX_MEMORY_HOTPLUG_SLOTS,
+    memory_removable: true,
     pvpanic: true,
 };
 const NO_MEMORY_SLOTS: AcpiConfig = AcpiConfig {
     boot_cpus: 2,
     max_cpus: 3,
     memory_slots: 0,
+    memory_removable: false,
     pvpanic: false,
 };
 const CONFIGS: [AcpiConfig; 3] = [SMALL, LARGEST, NO_MEMORY_SLOTS];
@@ -177,6 +180,7 @@ fn invalid_configurations_are_rejected() {
         boot_cpus,
         max_cpus,
         memory_slots,
+        memory_removable: false,
         pvpanic: true,
     };
     assert!(matches!(build(&cfg(0, 4, 0)), Err(AcpiError::NoBootCpus)));
@@ -471,6 +475,7 @@ fn acpiexec_evaluates_hotplug_methods() {
         commands.push("\\_SB_.CPUS.CEJ0 1".to_string());
         if slots {
             commands.push("\\_SB_.MHPC.MOST 0 1 0".to_string());
+            commands.push("\\_SB_.MHPC.M000._EJ0 1".to_string());
         }
         let out = acpiexec(tmp.as_path(), 0xff, &commands);
         let sta = out.matches("[Integer] = 000000000000000F").count();

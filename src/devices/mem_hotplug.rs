@@ -12,7 +12,12 @@
 //!
 //! Accesses of any width are accepted (reads return the covered bytes, writes update each
 //! register they overlap). While the selector is out of range, reads return 0 and writes other
-//! than MSEL are ignored. Guest ejects are logged and ignored: RAM only shrinks at reboot.
+//! than MSEL are ignored.
+//!
+//! A removal keeps a separate `pending_removal` flag that only the guest's eject (or the VMM's
+//! withdrawal) clears, so the eject is still accepted after the guest's scan acknowledged the
+//! remove event. An eject of a slot without a pending removal is refused: the slot stays enabled
+//! (the guest then sees `_STA` still present and reports the eject incomplete).
 
 use super::regs::{merge_write, read_image, Field};
 use super::{BusDevice, DeviceEvent};
@@ -103,6 +108,8 @@ struct MemSlot {
     enabled: bool,
     inserting: bool,
     removing: bool,
+    /// Removal requested by the VMM, waiting for the guest's eject.
+    pending_removal: bool,
 }
 
 /// Memory hotplug controller state: a fixed number of slots (ACPI `Mnnn` devices).
@@ -136,7 +143,7 @@ impl MemHotplug {
             .slots
             .get_mut(slot)
             .ok_or(MemHotplugError::SlotOutOfRange { slot, slots })?;
-        if entry.enabled {
+        if entry.enabled || entry.pending_removal {
             return Err(MemHotplugError::SlotInUse(slot));
         }
         if size == 0 || base.checked_add(size).is_none() {
@@ -147,9 +154,43 @@ impl MemHotplug {
             size,
             enabled: true,
             inserting: true,
-            removing: false,
+            ..MemSlot::default()
         };
         Ok(())
+    }
+
+    /// Marks `slot` with a remove event and a pending removal (the VMM then raises GED
+    /// [`GED_MEMORY`]); the slot stays enabled until the guest ejects it. Returns false, and
+    /// changes nothing, for a slot out of range or not enabled.
+    ///
+    /// [`GED_MEMORY`]: super::ged::GED_MEMORY
+    pub fn request_removal(&mut self, slot: usize) -> bool {
+        match self.slots.get_mut(slot) {
+            Some(s) if s.enabled => {
+                s.removing = true;
+                s.pending_removal = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Withdraws a pending removal (the guest refused it, or did not answer in time): the slot
+    /// stays enabled and a later eject is refused. Returns whether a removal was pending.
+    pub fn cancel_removal(&mut self, slot: usize) -> bool {
+        match self.slots.get_mut(slot) {
+            Some(s) if s.pending_removal => {
+                s.pending_removal = false;
+                s.removing = false;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether `slot` holds memory (including a slot whose removal waits for the guest).
+    pub fn is_enabled(&self, slot: usize) -> bool {
+        self.slots.get(slot).is_some_and(|s| s.enabled)
     }
 
     /// Number of slots.
@@ -157,6 +198,7 @@ impl MemHotplug {
         self.slots.len()
     }
 
+    #[cfg(test)]
     /// Number of filled slots (the VMM fills them in order 0, 1, 2, ..., so this is also the
     /// index of the next free slot).
     pub fn used_slots(&self) -> usize {
@@ -209,10 +251,10 @@ impl MemHotplug {
         image
     }
 
-    fn write_flags(&mut self, value: u8) {
+    fn write_flags(&mut self, value: u8) -> DeviceEvent {
         let selector = self.selector;
         let Some(slot) = self.selected_mut() else {
-            return;
+            return DeviceEvent::None;
         };
         if value & FLAG_INSERTING != 0 {
             slot.inserting = false;
@@ -220,11 +262,18 @@ impl MemHotplug {
         if value & FLAG_REMOVING != 0 {
             slot.removing = false;
         }
-        if value & FLAG_EJECT != 0 {
-            log::warn!(
-                "memory hotplug: ignoring the guest's eject of slot {selector}: RAM is only reduced at reboot"
-            );
+        if value & FLAG_EJECT == 0 {
+            return DeviceEvent::None;
         }
+        if !slot.pending_removal {
+            log::warn!(
+                "memory hotplug: refusing the guest's eject of slot {selector}: no removal pending"
+            );
+            return DeviceEvent::None;
+        }
+        *slot = MemSlot::default();
+        log::info!("memory hotplug: guest ejected slot {selector}");
+        DeviceEvent::MemEject(selector)
     }
 
     fn write_status(&mut self, status: u32) -> DeviceEvent {
@@ -258,8 +307,12 @@ impl BusDevice for MemHotplug {
             event = self.write_status(status);
         }
         if let Some(value) = merge_write(0, FLAGS, 1, offset, data) {
-            // Only the low byte was merged.
-            self.write_flags(value as u8);
+            // Only the low byte was merged. MOSC (0x8..0xc) and FLAGS (0x14) are too far apart
+            // for one access of at most 8 bytes to reach both.
+            let flags_event = self.write_flags(value as u8);
+            if flags_event != DeviceEvent::None {
+                event = flags_event;
+            }
         }
         event
     }
@@ -399,7 +452,7 @@ mod tests {
     }
 
     #[test]
-    fn acks_and_ignored_eject() {
+    fn an_eject_without_a_pending_removal_is_refused() {
         let mut dev = MemHotplug::new(1);
         dev.insert(0, 1 << 32, 1 << 27).unwrap();
         select(&mut dev, 0);
@@ -409,6 +462,55 @@ mod tests {
         assert_eq!(flags(&mut dev), FLAG_ENABLED);
         assert_eq!(dev.used_slots(), 1);
         assert_eq!(read_u32(&mut dev, 0x8), 1 << 27);
+    }
+
+    #[test]
+    fn a_requested_removal_is_ejected_after_the_ack() {
+        use crate::devices::regs::{aml_read, aml_write};
+        let (e, f, w) = (&EVENT_FIELDS[..], &FLAG_FIELDS[..], &WRITE_FIELDS[..]);
+        let mut dev = MemHotplug::new(3);
+        dev.insert(0, 1 << 32, 1 << 27).unwrap();
+        dev.insert(1, (1 << 32) + (1 << 27), 1 << 27).unwrap();
+        for slot in [0, 1] {
+            aml_write(&mut dev, w, b"MSEL", slot);
+            aml_write(&mut dev, f, b"MINS", 1);
+        }
+        assert!(!dev.request_removal(2), "an empty slot");
+        assert!(!dev.request_removal(7), "out of range");
+        assert!(dev.request_removal(1));
+        aml_write(&mut dev, w, b"MSEL", 0);
+        assert_eq!(aml_read(&mut dev, e, b"MNEV"), 1, "the scan finds it");
+        aml_write(&mut dev, w, b"MSEL", 1);
+        assert_eq!(aml_read(&mut dev, f, b"MRMV"), 1);
+        aml_write(&mut dev, f, b"MRMV", 1);
+        assert_eq!(aml_read(&mut dev, f, b"MRMV"), 0, "acknowledged");
+        assert_eq!(aml_read(&mut dev, e, b"MNEV"), 3, "no event left");
+        // The eject still works after the ack, and empties the slot.
+        assert_eq!(aml_write(&mut dev, f, b"MEJ0", 1), DeviceEvent::MemEject(1));
+        assert_eq!(aml_read(&mut dev, f, b"MEN_"), 0);
+        assert!(!dev.is_enabled(1) && dev.is_enabled(0));
+        assert_eq!(dev.used_slots(), 1);
+        // A second eject is refused; the slot can be filled again.
+        assert_eq!(aml_write(&mut dev, f, b"MEJ0", 1), DeviceEvent::None);
+        dev.insert(1, (1 << 32) + (1 << 27), 1 << 28).unwrap();
+        assert_eq!(dev.used_slots(), 2);
+    }
+
+    #[test]
+    fn a_withdrawn_removal_refuses_the_late_eject() {
+        let mut dev = MemHotplug::new(1);
+        dev.insert(0, 1 << 32, 1 << 27).unwrap();
+        assert!(dev.request_removal(0));
+        assert_eq!(
+            dev.insert(0, 1 << 32, 1 << 27),
+            Err(MemHotplugError::SlotInUse(0))
+        );
+        assert!(dev.cancel_removal(0));
+        assert!(!dev.cancel_removal(0));
+        select(&mut dev, 0);
+        assert_eq!(flags(&mut dev), FLAG_ENABLED | FLAG_INSERTING);
+        assert_eq!(dev.write(FLAGS, &[FLAG_EJECT]), DeviceEvent::None);
+        assert!(dev.is_enabled(0));
     }
 
     #[test]

@@ -129,6 +129,8 @@ pub enum DeviceEvent {
     BootMarker(u8),
     /// The guest's `_EJ0` for this CPU index was accepted; the VMM must stop that vCPU.
     CpuEject(u32),
+    /// The guest's `_EJ0` for this memory slot was accepted; the VMM must unmap its memory.
+    MemEject(u32),
     /// The guest reported `_OST` for a CPU.
     CpuOst {
         /// CPU index (= APIC ID = ACPI UID).

@@ -75,6 +75,37 @@ pub fn print_then(msg: &str, tail: &[u8]) -> Vec<u8> {
     c
 }
 
+/// 32-bit code that plays a cooperative guest's part of memory hotplug by polling the memory
+/// hotplug controller at 0xfeb0_0200 (no interrupts, no ACPI): it selects the next slot with an
+/// event (MNEV), acknowledges an insert, and acknowledges and ejects a slot being removed.
+///
+/// ```text
+///        mov ebx, 0xfeb00200
+/// scan:  mov dword [ebx], 0        ; MSEL = 0
+///        mov eax, [ebx+0x18]       ; MNEV: next slot with an event (the slot count if none)
+///        mov [ebx], eax            ; select it
+///        mov cl, [ebx+0x14]        ; its flags
+///        test cl, 4                ; removing?
+///        jz ins
+///        mov byte [ebx+0x14], 0xc  ; ack the remove event and eject
+///        jmp scan
+/// ins:   mov byte [ebx+0x14], 2    ; ack an insert (ignored past the last slot)
+///        jmp scan
+/// ```
+pub const EJECTING_GUEST: &[u8] = &[
+    0xbb, 0x00, 0x02, 0xb0, 0xfe, // mov ebx, 0xfeb00200
+    0xc7, 0x03, 0, 0, 0, 0, // mov dword [ebx], 0
+    0x8b, 0x43, 0x18, // mov eax, [ebx+0x18]
+    0x89, 0x03, // mov [ebx], eax
+    0x8a, 0x4b, 0x14, // mov cl, [ebx+0x14]
+    0xf6, 0xc1, 0x04, // test cl, 4
+    0x74, 0x06, // jz ins
+    0xc6, 0x43, 0x14, 0x0c, // mov byte [ebx+0x14], 0xc
+    0xeb, 0xe7, // jmp scan
+    0xc6, 0x43, 0x14, 0x02, // ins: mov byte [ebx+0x14], 2
+    0xeb, 0xe1, // jmp scan
+];
+
 /// Writes 0x34 (SLP_TYP 5 | SLP_EN) to the ACPI sleep control port: S5.
 pub const POWER_OFF: &[u8] = &[0x66, 0xba, 0x00, 0x06, 0xb0, 0x34, 0xee, 0xf4, 0xeb, 0xfd];
 /// Writes 1 to the ACPI reset port.
