@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use crate::size::{format_size, parse_size, SizeError};
 
-use crate::arch::x86_64::layout::{ports, CMDLINE_MAX_SIZE, MAX_VCPUS, MEMORY_HOTPLUG_ALIGN};
+use crate::arch::x86_64::layout::{
+    ports, CMDLINE_MAX_SIZE, MAX_VCPUS, MAX_VIRTIO_DEVICES, MEMORY_HOTPLUG_ALIGN,
+};
 
 /// Kernel command line used when `--cmdline` is absent.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
@@ -54,6 +56,13 @@ Options:
                              remove_timeout seconds without the guest's eject
                              (default: size=512M, hotplug_size=0, thp=on,
                              removable=off, remove_timeout=30)
+  --disk path=FILE[,readonly=on|off]
+                             a raw disk image as a virtio-blk device (/dev/vda,
+                             /dev/vdb, ... in the order given; repeatable)
+  --vsock cid=N,socket=PATH  a virtio-vsock device with guest CID N (3 or more),
+                             host side on the unix socket PATH (Firecracker's
+                             hybrid vsock: connect and send \"CONNECT <port>\\n\";
+                             guest connections to port P go to PATH_P)
   --serial tty|off|file=PATH guest COM1: connected to stdin/stdout, disabled, or
                              written to the file PATH (default: tty)
   --no-reboot                when the guest reboots, exit with status 2 instead
@@ -116,6 +125,10 @@ pub struct VmConfig {
     pub pit: bool,
     /// Directory to write the generated ACPI tables to.
     pub dump_acpi: Option<PathBuf>,
+    /// virtio-blk disks (`--disk`, repeatable), in guest order.
+    pub disks: Vec<DiskConfig>,
+    /// The virtio-vsock device (`--vsock`), if any.
+    pub vsock: Option<VsockConfig>,
     /// Control pipe endpoint, if any.
     pub control: Option<ControlEndpoint>,
     /// Whether the seccomp filters are installed.
@@ -141,6 +154,8 @@ impl VmConfig {
             cpu_online_events: false,
             pit: false,
             dump_acpi: None,
+            disks: Vec::new(),
+            vsock: None,
             control: None,
             seccomp: true,
             log_level: log::LevelFilter::Warn,
@@ -231,6 +246,29 @@ impl Default for MemoryConfig {
         }
     }
 }
+
+/// A virtio-blk disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// The raw image file.
+    pub path: PathBuf,
+    /// The guest may only read it.
+    pub readonly: bool,
+}
+
+/// The virtio-vsock device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The guest's context ID (at least 3; 0-2 are reserved).
+    pub cid: u64,
+    /// The host-side unix socket: host clients connect here, guest connections to port P go to
+    /// `PATH_P`.
+    pub socket: PathBuf,
+}
+
+/// Largest guest CID accepted (CIDs are 32-bit in Linux's `sockaddr_vm`; `u32::MAX` is
+/// `VMADDR_CID_ANY`).
+pub const MAX_GUEST_CID: u64 = u32::MAX as u64 - 1;
 
 /// The guest exit device's I/O ports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -336,6 +374,8 @@ enum Opt {
     Serial,
     NoReboot,
     DumpAcpi,
+    Disk,
+    Vsock,
     Control,
     Seccomp,
     LogLevel,
@@ -349,7 +389,7 @@ enum Opt {
 }
 
 impl Opt {
-    const ALL: [Opt; 18] = [
+    const ALL: [Opt; 20] = [
         Opt::Kernel,
         Opt::Initramfs,
         Opt::Cmdline,
@@ -358,6 +398,8 @@ impl Opt {
         Opt::Serial,
         Opt::NoReboot,
         Opt::DumpAcpi,
+        Opt::Disk,
+        Opt::Vsock,
         Opt::Control,
         Opt::Seccomp,
         Opt::LogLevel,
@@ -381,6 +423,8 @@ impl Opt {
             Opt::Serial => "--serial",
             Opt::NoReboot => "--no-reboot",
             Opt::DumpAcpi => "--dump-acpi",
+            Opt::Disk => "--disk",
+            Opt::Vsock => "--vsock",
             Opt::Control => "--control",
             Opt::Seccomp => "--seccomp",
             Opt::LogLevel => "--log-level",
@@ -457,7 +501,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Co
             String::new()
         };
 
-        if seen.contains(&opt) {
+        if seen.contains(&opt) && opt != Opt::Disk {
             return Err(ConfigError::Duplicate(flag));
         }
         seen.push(opt);
@@ -473,6 +517,8 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Co
             Opt::Serial => config.serial = parse_serial(flag, &value)?,
             Opt::NoReboot => config.no_reboot = true,
             Opt::DumpAcpi => config.dump_acpi = Some(PathBuf::from(value)),
+            Opt::Disk => config.disks.push(parse_disk(flag, &value)?),
+            Opt::Vsock => config.vsock = Some(parse_vsock(flag, &value)?),
             Opt::Control => config.control = Some(parse_control(flag, &value)?),
             Opt::Seccomp => config.seccomp = parse_on_off(flag, &value)?,
             Opt::LogLevel => config.log_level = parse_log_level(flag, &value)?,
@@ -486,8 +532,62 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Co
 
     config.kernel = kernel.ok_or(ConfigError::MissingKernel)?;
     check_stdio_conflict(&config)?;
+    check_virtio_count(&config)?;
     check_cmdline_length(&config)?;
     Ok(Command::Run(Box::new(config)))
+}
+
+/// Every virtio device needs its own interrupt line.
+fn check_virtio_count(config: &VmConfig) -> Result<(), ConfigError> {
+    let n = config.disks.len() + usize::from(config.vsock.is_some());
+    if n > MAX_VIRTIO_DEVICES {
+        return Err(invalid(
+            Opt::Disk.name(),
+            format!(
+                "{n} virtio devices (disks and vsock together), at most {MAX_VIRTIO_DEVICES} fit"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn parse_disk(flag: &'static str, value: &str) -> Result<DiskConfig, ConfigError> {
+    let syntax = "path=FILE[,readonly=on|off]";
+    let found = parse_key_values(flag, value, &["path", "readonly"], syntax)?;
+    let path =
+        found[0].ok_or_else(|| invalid(flag, format!("path= is required (expected {syntax})")))?;
+    Ok(DiskConfig {
+        path: PathBuf::from(path),
+        readonly: match found[1] {
+            None | Some("off") => false,
+            Some("on") => true,
+            Some(v) => return Err(invalid(flag, format!("readonly={v}: expected on or off"))),
+        },
+    })
+}
+
+fn parse_vsock(flag: &'static str, value: &str) -> Result<VsockConfig, ConfigError> {
+    let syntax = "cid=N,socket=PATH";
+    let found = parse_key_values(flag, value, &["cid", "socket"], syntax)?;
+    let (Some(cid), Some(socket)) = (found[0], found[1]) else {
+        return Err(invalid(
+            flag,
+            format!("cid= and socket= are required (expected {syntax})"),
+        ));
+    };
+    let cid = match parse_decimal(cid) {
+        Some(Some(n)) if (3..=MAX_GUEST_CID).contains(&n) => n,
+        _ => {
+            return Err(invalid(
+                flag,
+                format!("cid={cid} is invalid (expected a number from 3 to {MAX_GUEST_CID}; 0-2 are reserved)"),
+            ))
+        }
+    };
+    Ok(VsockConfig {
+        cid,
+        socket: PathBuf::from(socket),
+    })
 }
 
 /// The kernel command line with minivmm's additions must fit the guest's 2048-byte buffer.
@@ -964,6 +1064,18 @@ pub fn validate(config: &VmConfig) -> Result<(), ConfigError> {
     if let Some(limit) = config.timeout {
         check_timeout(Opt::Timeout.name(), limit, &format!("{limit:?}"))?;
     }
+    for disk in &config.disks {
+        if disk.path.as_os_str().is_empty() {
+            return Err(invalid(Opt::Disk.name(), "path= is required"));
+        }
+    }
+    if let Some(v) = &config.vsock {
+        parse_vsock(Opt::Vsock.name(), &format!("cid={},socket=x", v.cid))?;
+        if v.socket.as_os_str().is_empty() {
+            return Err(invalid(Opt::Vsock.name(), "socket= is required"));
+        }
+    }
+    check_virtio_count(config)?;
     check_stdio_conflict(config)?;
     check_cmdline_length(config)
 }
@@ -1008,6 +1120,78 @@ mod tests {
             Err(e) => e.to_string(),
             Ok(other) => panic!("{list:?}: expected an error, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn disks_and_vsock() {
+        let c = run(&[
+            "--kernel",
+            "k",
+            "--disk",
+            "path=/a.img",
+            "--disk=path=/b.img,readonly=on",
+            "--vsock",
+            "cid=42,socket=/tmp/v.sock",
+        ]);
+        assert_eq!(
+            c.disks,
+            [
+                DiskConfig {
+                    path: "/a.img".into(),
+                    readonly: false
+                },
+                DiskConfig {
+                    path: "/b.img".into(),
+                    readonly: true
+                }
+            ]
+        );
+        assert_eq!(
+            c.vsock,
+            Some(VsockConfig {
+                cid: 42,
+                socket: "/tmp/v.sock".into()
+            })
+        );
+        assert!(validate(&c).is_ok());
+        for (args, want) in [
+            (&["--disk", "readonly=on"][..], "--disk: path= is required"),
+            (
+                &["--disk", "path=/a,readonly=yes"],
+                "--disk: readonly=yes: expected on or off",
+            ),
+            (&["--disk", "/a.img"], "--disk: expected key=value"),
+            (
+                &["--vsock", "cid=3"],
+                "--vsock: cid= and socket= are required",
+            ),
+            (&["--vsock", "cid=2,socket=/s"], "--vsock: cid=2 is invalid"),
+            (
+                &["--vsock", "cid=4294967295,socket=/s"],
+                "--vsock: cid=4294967295 is invalid",
+            ),
+            (&["--vsock", "cid=x,socket=/s"], "--vsock: cid=x is invalid"),
+            (
+                &["--vsock", "cid=3,socket=/s", "--vsock", "cid=4,socket=/t"],
+                "--vsock given more than once",
+            ),
+        ] {
+            let mut list = vec!["--kernel", "k"];
+            list.extend_from_slice(args);
+            let e = err(&list);
+            assert!(e.starts_with(want), "{args:?}: {e}");
+        }
+        let mut list = vec!["--kernel", "k", "--vsock", "cid=3,socket=/s"];
+        for _ in 0..MAX_VIRTIO_DEVICES {
+            list.extend(["--disk", "path=/d"]);
+        }
+        assert!(err(&list).contains("at most 7 fit"), "{}", err(&list));
+        let mut c = run(&["--kernel", "k"]);
+        c.vsock = Some(VsockConfig {
+            cid: 1,
+            socket: "/s".into(),
+        });
+        assert!(validate(&c).is_err(), "validate checks the CID");
     }
 
     #[test]
@@ -1058,6 +1242,8 @@ mod tests {
             cpu_online_events: true,
             pit: true,
             dump_acpi: Some(PathBuf::from("/tmp/acpi")),
+            disks: Vec::new(),
+            vsock: None,
             control: Some(ControlEndpoint::Socket(PathBuf::from("/run/vm.sock"))),
             seccomp: false,
             log_level: log::LevelFilter::Debug,

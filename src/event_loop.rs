@@ -35,10 +35,25 @@ enum Token {
     Commands,
     /// A control-pipe fd; the value is the control server's own token.
     Control(u64),
+    /// A virtqueue kick eventfd of this boot.
+    Kick {
+        /// virtio device index.
+        device: usize,
+        /// Queue index.
+        queue: usize,
+    },
+    /// A host fd of the vsock muxer; the value is the muxer's own token.
+    Vsock(u64),
 }
 
 /// Control server tokens are offset past the loop's own.
 const CONTROL_BASE: u64 = 1 << 32;
+/// Vsock muxer tokens (below `1 << 31`) are offset by this.
+const VSOCK_BASE: u64 = 1 << 31;
+/// Kick tokens: `KICK_BASE + device * KICK_QUEUES + queue`.
+const KICK_BASE: u64 = 1 << 16;
+/// Room for queues per device in a kick token.
+const KICK_QUEUES: u64 = 8;
 
 impl Token {
     fn to_u64(self) -> u64 {
@@ -50,6 +65,10 @@ impl Token {
             Token::Timeout => 5,
             Token::Commands => 6,
             Token::Control(t) => CONTROL_BASE + t,
+            Token::Kick { device, queue } => {
+                KICK_BASE + device as u64 * KICK_QUEUES + (queue as u64 % KICK_QUEUES)
+            }
+            Token::Vsock(t) => VSOCK_BASE + t,
         }
     }
 
@@ -62,6 +81,11 @@ impl Token {
             5 => Token::Timeout,
             6 => Token::Commands,
             v if v >= CONTROL_BASE => Token::Control(v - CONTROL_BASE),
+            v if v >= VSOCK_BASE => Token::Vsock(v - VSOCK_BASE),
+            v if v >= KICK_BASE => Token::Kick {
+                device: ((v - KICK_BASE) / KICK_QUEUES) as usize,
+                queue: ((v - KICK_BASE) % KICK_QUEUES) as usize,
+            },
             _ => return None,
         })
     }
@@ -315,9 +339,18 @@ pub(crate) fn run(vmm: &mut Vmm, mut sources: Sources) -> Result<Exit, EventLoop
     };
     input.watch(&epoll, true);
     let mut subscribers = Subscribers::default();
+    let mut kicks_of_boot = 0;
 
     let mut events = vec![EpollEvent::default(); 32];
     loop {
+        // A new boot has new virtqueue kick eventfds (the old ones left epoll when closed).
+        if vmm.boot_count() != kicks_of_boot {
+            kicks_of_boot = vmm.boot_count();
+            for (fd, device, queue) in vmm.virtio_kick_fds() {
+                add(fd, Token::Kick { device, queue })?;
+            }
+        }
+        apply_vsock_interest(&epoll, vmm)?;
         // Sleep until an fd is ready, or until the VMM's next deadline (a live memory removal
         // the guest has not answered), rounded up to whole milliseconds.
         let deadline = vmm.next_deadline();
@@ -369,6 +402,51 @@ pub(crate) fn run(vmm: &mut Vmm, mut sources: Sources) -> Result<Exit, EventLoop
     }
 }
 
+/// Applies the vsock muxer's epoll changes, in order.
+fn apply_vsock_interest(epoll: &Epoll, vmm: &Vmm) -> Result<(), EventLoopError> {
+    use crate::vsock_muxer::Interest;
+    let set = |readable: bool, writable: bool| {
+        let mut s = EventSet::empty();
+        if readable {
+            s |= EventSet::IN;
+        }
+        if writable {
+            s |= EventSet::OUT;
+        }
+        s
+    };
+    for change in vmm.vsock_interest_changes() {
+        let (op, fd, event) = match change {
+            Interest::Add {
+                fd,
+                token,
+                readable,
+                writable,
+            } => (
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(set(readable, writable), Token::Vsock(token).to_u64()),
+            ),
+            Interest::Modify {
+                fd,
+                token,
+                readable,
+                writable,
+            } => (
+                ControlOperation::Modify,
+                fd,
+                EpollEvent::new(set(readable, writable), Token::Vsock(token).to_u64()),
+            ),
+            Interest::Remove { fd } => (ControlOperation::Delete, fd, EpollEvent::default()),
+        };
+        if let Err(e) = epoll.ctl(op, fd, event) {
+            // One connection's fd; the muxer notices its end on its own.
+            log::debug!("vsock: epoll_ctl on fd {fd}: {e}");
+        }
+    }
+    Ok(())
+}
+
 /// The loop's state while one ready fd is handled.
 struct Ctx<'a> {
     vmm: &'a mut Vmm,
@@ -414,6 +492,16 @@ impl Ctx<'_> {
                     c.handle(epoll, id, ev.event_set(), vmm);
                 }
                 return self.lifecycle_request();
+            }
+            Token::Kick { device, queue } => vmm.virtio_kick(device, queue),
+            Token::Vsock(token) => {
+                let set = ev.event_set();
+                vmm.vsock_host_event(
+                    token,
+                    set.contains(EventSet::IN),
+                    set.contains(EventSet::OUT),
+                    set.intersects(EventSet::HANG_UP | EventSet::ERROR | EventSet::READ_HANG_UP),
+                );
             }
         }
         Ok(None)

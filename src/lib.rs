@@ -29,8 +29,15 @@ pub(crate) mod seccomp;
 pub mod size;
 pub(crate) mod terminal;
 pub(crate) mod vcpu;
+pub(crate) mod virtio_manager;
 pub(crate) mod vm;
 pub(crate) mod vmm;
+pub(crate) mod vsock_muxer;
+
+/// Entry points for the fuzz targets in `fuzz/` (not a stable API).
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 
 use std::fs::File;
 use std::path::Path;
@@ -56,6 +63,17 @@ pub enum Error {
         /// The OS error.
         source: std::io::Error,
     },
+    /// A `--disk` image could not be opened or sized.
+    #[error("--disk: cannot open {path}: {source}")]
+    Disk {
+        /// The path given.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The `--vsock` socket could not be set up.
+    #[error("--vsock: {0}")]
+    Vsock(#[from] vsock_muxer::VsockError),
     /// KVM is unusable.
     #[error(transparent)]
     Vm(#[from] vm::VmError),
@@ -98,6 +116,38 @@ fn open(what: &'static str, path: &Path) -> Result<File, Error> {
         path: path.display().to_string(),
         source,
     })
+}
+
+/// Opens the `--disk` images (read-write unless read-only) and binds the `--vsock` socket.
+fn open_virtio(config: &VmConfig) -> Result<virtio_manager::VirtioHost, Error> {
+    let mut host = virtio_manager::VirtioHost::default();
+    for disk in &config.disks {
+        let err = |source| Error::Disk {
+            path: disk.path.display().to_string(),
+            source,
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!disk.readonly)
+            .open(&disk.path)
+            .map_err(err)?;
+        let meta = file.metadata().map_err(err)?;
+        if !meta.is_file() {
+            return Err(err(std::io::Error::other(
+                "not a regular file (raw images only)",
+            )));
+        }
+        host.disks.push(virtio_manager::HostDisk {
+            file: Arc::new(file),
+            size: meta.len(),
+            readonly: disk.readonly,
+        });
+    }
+    if let Some(v) = &config.vsock {
+        let muxer = vsock_muxer::VsockMuxer::new(v.cid, &v.socket)?;
+        host.vsock = Some((v.cid, Arc::new(std::sync::Mutex::new(muxer))));
+    }
+    Ok(host)
 }
 
 /// The exit code for an outcome of [`run`].
@@ -155,6 +205,7 @@ pub(crate) fn launch(config: VmConfig, hosting: Hosting) -> Result<Launched, Err
         ))?;
         acpi::dump(dir, &tables)?;
     }
+    let virtio = open_virtio(&config)?;
     let control = match &config.control {
         Some(endpoint) => Some(control_socket::ControlServer::open(endpoint)?),
         None => None,
@@ -210,8 +261,11 @@ pub(crate) fn launch(config: VmConfig, hosting: Hosting) -> Result<Launched, Err
     let mut vmm = vmm::Vmm::new(
         config,
         kvm,
-        kernel,
-        initramfs,
+        vmm::GuestFiles {
+            kernel,
+            initramfs,
+            virtio,
+        },
         machine::SharedWriter::new(out),
         vcpu_filter,
         started,

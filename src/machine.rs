@@ -30,6 +30,7 @@ use crate::memory_manager::{hotplug_slots, MemoryManager, Step};
 use crate::resize;
 use crate::seccomp::BpfProgram;
 use crate::vcpu::{EventSink, VcpuContext};
+use crate::virtio_manager::{VirtioDevices, VirtioHost, VirtioSetupError};
 use crate::vm::{Vm, VmError, VmFeatures};
 
 /// Errors while building a machine or changing it.
@@ -56,6 +57,9 @@ pub enum MachineError {
     /// An eventfd could not be created.
     #[error("cannot create an eventfd: {0}")]
     EventFd(#[source] std::io::Error),
+    /// A virtio device could not be set up.
+    #[error(transparent)]
+    Virtio(#[from] VirtioSetupError),
     /// Rewinding a kernel or initramfs file failed.
     #[error("cannot read {0}: {1}")]
     Image(String, #[source] std::io::Error),
@@ -98,6 +102,8 @@ pub(crate) struct Host {
     pub(crate) sink: EventSink,
     /// Installed on every vCPU thread.
     pub(crate) vcpu_filter: Option<Arc<BpfProgram>>,
+    /// Disk files and the vsock muxer.
+    pub(crate) virtio: VirtioHost,
 }
 
 /// Sizes of a boot.
@@ -118,6 +124,7 @@ pub(crate) fn acpi_config(config: &VmConfig, cpus: u32, mem: u64) -> AcpiConfig 
         memory_slots: hotplug_slots(&window),
         memory_removable: config.memory.removable,
         pvpanic: config.pvpanic,
+        virtio_devices: config.disks.len() + usize::from(config.vsock.is_some()),
     }
 }
 
@@ -133,6 +140,7 @@ pub(crate) struct Machine {
     pub(crate) ged: Arc<Mutex<Ged>>,
     pub(crate) cpus: CpuManager,
     pub(crate) memory: MemoryManager,
+    pub(crate) virtio: VirtioDevices,
     /// When this boot started (before the VM was created).
     pub(crate) started: Instant,
     /// Time from `started` to the guest's first debug-port write.
@@ -167,9 +175,11 @@ impl Machine {
             Box::new(host.serial_out.clone()),
         )));
         let ged = Arc::new(Mutex::new(Ged::new(trigger(&host.ged_irq)?)));
+        let mut mmio = mmio_bus(ged.clone(), &cpus, &memory)?;
+        let virtio = VirtioDevices::new(&host.virtio, &vm, &mut mmio)?;
         let ctx = VcpuContext {
             pio: Arc::new(pio_bus(&host.config, serial.clone())?),
-            mmio: Arc::new(mmio_bus(ged.clone(), &cpus, &memory)?),
+            mmio: Arc::new(mmio),
             events: host.sink.clone(),
             seccomp: host.vcpu_filter.clone(),
         };
@@ -190,6 +200,7 @@ impl Machine {
             ged,
             cpus,
             memory,
+            virtio,
             started,
             boot_marker: None,
         };

@@ -8,7 +8,8 @@ use kvm_bindings::{
     KVM_MAX_CPUID_ENTRIES, KVM_MSR_EXIT_REASON_FILTER, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{
-    Cap, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuFd, VmFd,
+    Cap, IoEventAddress, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuFd,
+    VmFd,
 };
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -52,8 +53,9 @@ pub enum VmError {
 }
 
 /// Capabilities minivmm relies on.
-const REQUIRED_CAPS: [Cap; 7] = [
+const REQUIRED_CAPS: [Cap; 8] = [
     Cap::Irqchip,
+    Cap::Ioeventfd,
     Cap::UserMemory,
     Cap::SetTssAddr,
     Cap::Irqfd,
@@ -288,6 +290,14 @@ impl Vm {
         self.fd
             .register_irqfd(evt, gsi)
             .map_err(|e| VmError::Ioctl("KVM_IRQFD", e))
+    }
+
+    /// Makes KVM signal `evt` instead of exiting when the guest writes the 32-bit `value` to the
+    /// MMIO address `addr` (`KVM_IOEVENTFD`): how virtqueue kicks reach the main thread.
+    pub fn register_ioeventfd(&self, evt: &EventFd, addr: u64, value: u32) -> Result<(), VmError> {
+        self.fd
+            .register_ioevent(evt, &IoEventAddress::Mmio(addr), value)
+            .map_err(|e| VmError::Ioctl("KVM_IOEVENTFD", e))
     }
 
     /// Creates vCPU `id` and gives it the CPUID, MSRs and LAPIC setup every vCPU needs

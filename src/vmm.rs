@@ -18,6 +18,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::config::VmConfig;
 use crate::control::{ControlTarget, VmInfo};
 use crate::devices::ged::{GED_CPU, GED_MEMORY, GED_POWER_BUTTON};
+use crate::devices::virtio::Wake;
 use crate::devices::{lock, DeviceEvent, ResetCause};
 use crate::events::Event;
 use crate::machine::{BootSpec, Host, Machine, MachineError, SharedWriter};
@@ -27,6 +28,17 @@ use crate::resize::{self, ResizeState};
 use crate::seccomp::BpfProgram;
 use crate::size::format_size;
 use crate::vcpu::{EventSink, VcpuEvent};
+use crate::virtio_manager::VirtioHost;
+
+/// What the guest uses from the file system, opened before the seccomp filters go on.
+pub struct GuestFiles {
+    /// The kernel image.
+    pub kernel: File,
+    /// The initramfs image, if any.
+    pub initramfs: Option<File>,
+    /// The disk images and the vsock socket.
+    pub(crate) virtio: VirtioHost,
+}
 
 /// A lifecycle change asked for by a front end, carried out after the reply is sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,18 +64,23 @@ pub struct Vmm {
     process_started: Instant,
     /// Events not yet handed to the front ends (drained by [`Vmm::take_events`]).
     events: Vec<Event>,
+    /// When the vsock muxer last had its housekeeping tick.
+    last_tick: Instant,
 }
+
+/// How often the vsock muxer's timeouts are checked while it has connections.
+const VSOCK_TICK: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Vmm {
     /// Prepares a VMM; nothing runs until [`Vmm::boot`].
     ///
-    /// `serial_out` receives the guest's console output; `vcpu_filter` is installed on every vCPU
+    /// `files` are the opened kernel, initramfs, disks and vsock socket; `serial_out` receives
+    /// the guest's console output; `vcpu_filter` is installed on every vCPU
     /// thread; `process_started` is when minivmm started (`uptime` and boot times count from it).
     pub fn new(
         config: VmConfig,
         kvm: Kvm,
-        kernel: File,
-        initramfs: Option<File>,
+        files: GuestFiles,
         serial_out: SharedWriter,
         vcpu_filter: Option<Arc<BpfProgram>>,
         process_started: Instant,
@@ -75,6 +92,11 @@ impl Vmm {
             cpus: config.cpus.boot,
             mem: config.memory.size,
         };
+        let GuestFiles {
+            kernel,
+            initramfs,
+            virtio,
+        } = files;
         let host = Host {
             cmdline: config.kernel_cmdline(),
             kvm,
@@ -86,6 +108,7 @@ impl Vmm {
             input_room: Arc::new(eventfd()?),
             sink: EventSink::new(tx, events_wake.clone()),
             vcpu_filter,
+            virtio,
             config,
         };
         Ok(Vmm {
@@ -99,6 +122,7 @@ impl Vmm {
             last_ost: None,
             process_started,
             events: Vec::new(),
+            last_tick: Instant::now(),
         })
     }
 
@@ -303,17 +327,74 @@ impl Vmm {
     }
 
     /// When the VMM next needs the loop to wake up without an event: the deadline of a live
-    /// memory removal.
+    /// memory removal, or the next vsock housekeeping tick while it has connections.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.machine.as_ref()?.memory.removal_deadline()
+        let removal = self.machine.as_ref()?.memory.removal_deadline();
+        let tick = self
+            .host
+            .virtio
+            .vsock_needs_tick()
+            .then(|| self.last_tick + VSOCK_TICK);
+        match (removal, tick) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Number of the current boot (1 for the first), so the loop knows when the per-boot fds
+    /// (virtqueue kicks) changed.
+    pub fn boot_count(&self) -> u32 {
+        self.boots
+    }
+
+    /// The current boot's virtqueue kick eventfds, as (fd, device, queue).
+    pub fn virtio_kick_fds(&self) -> Vec<(std::os::fd::RawFd, usize, usize)> {
+        self.machine
+            .as_ref()
+            .map_or_else(Vec::new, |m| m.virtio.kick_fds())
+    }
+
+    /// The guest kicked a virtqueue.
+    pub fn virtio_kick(&mut self, device: usize, queue: usize) {
+        if let Some(m) = &self.machine {
+            m.virtio.kick(device, queue, m.vm.memory());
+        }
+    }
+
+    /// A host fd of the vsock device is ready.
+    pub fn vsock_host_event(&mut self, token: u64, readable: bool, writable: bool, hangup: bool) {
+        let wake = Wake::Host {
+            token,
+            readable,
+            writable,
+            hangup,
+        };
+        if let Some(m) = &self.machine {
+            m.virtio.vsock_wake(wake, m.vm.memory());
+        }
+    }
+
+    /// The vsock muxer's epoll changes since the last call.
+    pub fn vsock_interest_changes(&self) -> Vec<crate::vsock_muxer::Interest> {
+        self.host.virtio.vsock_interest_changes()
     }
 
     /// Handles a deadline from [`Vmm::next_deadline`] that has passed: a memory slot the guest
     /// has not ejected in time is withdrawn.
     pub fn on_deadline(&mut self) {
+        let now = Instant::now();
+        if now >= self.last_tick + VSOCK_TICK {
+            self.last_tick = now;
+            if let Some(m) = &self.machine {
+                m.virtio.vsock_wake(Wake::Tick, m.vm.memory());
+            }
+        }
         let Some(m) = self.machine.as_mut() else {
             return;
         };
+        if m.memory.removal_deadline().is_none_or(|d| now < d) {
+            return;
+        }
         // The guest may have ejected it just now; its event may still be queued.
         let step = m.reap_memory(None);
         self.apply(step);

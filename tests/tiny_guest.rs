@@ -13,7 +13,7 @@ mod tiny;
 use tiny::{
     echo_until_bang, out_byte, out_byte_then_halt, out_word_then_halt, print_then, pvh_elf,
     CF9_RESET, EJECTING_GUEST, HALT_FOREVER, HOSTILE, KBD_RESET, LSTAR_NON_CANONICAL,
-    LSTAR_ROUND_TRIP, POWER_OFF, RESET, TRIPLE_FAULT,
+    LSTAR_ROUND_TRIP, POWER_OFF, RESET, TRIPLE_FAULT, VIRTIO_HOSTILE,
 };
 
 fn temp_path(name: &str) -> PathBuf {
@@ -610,6 +610,63 @@ fn unusable_guest_files_are_reported_with_exit_code_1() {
         err.contains("initramfs") && err.contains("does not fit"),
         "{err}"
     );
+
+    // A missing disk image, a read-only file opened for writing, a directory as a disk, and a
+    // vsock socket path that is a regular file: exit 1, naming the flag.
+    let ro = temp_path("ro.img");
+    std::fs::write(&ro, vec![0u8; 4096]).expect("write image");
+    let mut perms = std::fs::metadata(&ro).expect("stat").permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o444);
+    std::fs::set_permissions(&ro, perms).expect("chmod");
+    let dir = temp_path("a-dir");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let as_root = unsafe_is_root();
+    for (flag, value, needle) in [
+        (
+            "--disk",
+            format!("path={}", missing.display()),
+            "does-not-exist",
+        ),
+        (
+            "--disk",
+            format!("path={},readonly=on", dir.display()),
+            "not a regular file",
+        ),
+        (
+            "--vsock",
+            format!("cid=3,socket={}", junk.display()),
+            "junk.bin",
+        ),
+    ]
+    .into_iter()
+    .chain((!as_root).then(|| ("--disk", format!("path={}", ro.display()), "ro.img")))
+    {
+        let (code, err) = minivmm_output(&[
+            "--kernel".as_ref(),
+            kernel.as_os_str(),
+            flag.as_ref(),
+            value.as_ref(),
+        ]);
+        assert_eq!(code, 1, "{flag} {value}: {err}");
+        assert!(
+            err.contains(flag) && err.contains(needle) && err.lines().count() == 1,
+            "{flag} {value}: {err}"
+        );
+    }
+    // The same read-only file is fine as a read-only disk (the guest powers off at once).
+    let (code, err) = minivmm_output(&[
+        "--kernel".as_ref(),
+        kernel.as_os_str(),
+        "--disk".as_ref(),
+        format!("path={},readonly=on", ro.display()).as_ref(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+}
+
+/// Whether this process runs as root (which may open read-only files for writing).
+fn unsafe_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
 }
 
 #[test]
@@ -1108,6 +1165,51 @@ fn a_hostile_guest_cannot_crash_or_stall_minivmm() {
     );
     println!(
         "hostile guest: {asked} info+resize pairs answered, {} log lines",
+        log.lines().count()
+    );
+}
+
+/// A guest driving a virtio-blk disk with random queue set-ups, descriptor chains (loops, lengths
+/// up to 4 GiB, addresses outside RAM, no status byte) and avail indices: minivmm stays up,
+/// answers `info` throughout, and shuts down cleanly.
+#[test]
+fn a_hostile_virtio_driver_cannot_crash_or_stall_minivmm() {
+    let disk = temp_path("hostile-disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).expect("write disk");
+    let disk_arg = format!("path={}", disk.display());
+    let mut vm = Controlled::start_with(
+        "virtio-hostile",
+        VIRTIO_HOSTILE,
+        &["--disk", &disk_arg, "--pvpanic", "off"],
+    );
+    let log = vm.drain_log();
+    let mut c = vm.connect();
+    let t0 = Instant::now();
+    let mut asked = 0u32;
+    while t0.elapsed() < Duration::from_secs(3) {
+        let info = c.ask("info");
+        assert!(info.starts_with("ok state=running"), "{info}");
+        asked += 1;
+    }
+    assert!(asked >= 20, "only {asked} info requests answered in 3 s");
+    assert!(c.ask("shutdown").starts_with("ok"));
+    assert_eq!(vm.wait(), 0);
+    let log = log.join().expect("log reader");
+    assert!(
+        !log.contains("panicked") && !log.contains("seccomp"),
+        "{log}"
+    );
+    assert_eq!(
+        std::fs::metadata(&disk).expect("disk").len(),
+        1 << 20,
+        "writes never grow the image"
+    );
+    assert!(
+        log.contains("virtio device type 2") && log.contains("needs a reset"),
+        "the guest's broken queues reached the device: {log}"
+    );
+    println!(
+        "hostile virtio driver: {asked} info requests answered in 3 s, {} log lines",
         log.lines().count()
     );
 }

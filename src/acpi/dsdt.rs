@@ -358,6 +358,31 @@ fn pvpanic() -> Vec<u8> {
     ))
 }
 
+/// virtio-mmio device `i` (`VR0n`): Linux's virtio_mmio driver binds `LNRO0005` and takes the
+/// register page and the interrupt line from `_CRS`.
+fn virtio_mmio(i: usize) -> Vec<u8> {
+    let base = layout::VIRTIO_MMIO_START + i as u64 * layout::VIRTIO_MMIO_SIZE;
+    let (Ok(base), Ok(size)) = (u32::try_from(base), u32::try_from(layout::VIRTIO_MMIO_SIZE))
+    else {
+        return Vec::new();
+    };
+    aml_bytes(&aml::Device::new(
+        format!("VR{i:02X}").as_str().into(),
+        vec![
+            &name("_HID", &"LNRO0005"),
+            &name("_UID", &(i as u64)),
+            &name("_STA", &STA_PRESENT),
+            &name(
+                "_CRS",
+                &aml::ResourceTemplate::new(vec![
+                    &aml::Memory32Fixed::new(true, base, size),
+                    &aml::Interrupt::new(true, true, false, false, layout::irq::VIRTIO[i]),
+                ]),
+            ),
+        ],
+    ))
+}
+
 /// Power button, notified through GED bit 3.
 fn power_button() -> Vec<u8> {
     aml_bytes(&aml::Device::new(
@@ -770,10 +795,18 @@ pub(super) struct MemoryDevices {
 
 /// Builds the complete DSDT for `max_cpus` possible CPUs and the `memory` devices, with the
 /// pvpanic device if `pvpanic_device`.
-pub(super) fn build(max_cpus: u8, memory: MemoryDevices, pvpanic_device: bool) -> Vec<u8> {
+pub(super) fn build(
+    max_cpus: u8,
+    memory: MemoryDevices,
+    pvpanic_device: bool,
+    virtio_devices: usize,
+) -> Vec<u8> {
     let mut sb = Vec::new();
     sb.extend(com1());
     sb.extend(rtc());
+    for i in 0..virtio_devices {
+        sb.extend(virtio_mmio(i));
+    }
     if pvpanic_device {
         sb.extend(pvpanic());
     }
@@ -835,7 +868,7 @@ mod tests {
 
     #[test]
     fn header_revision_and_checksum() {
-        let dsdt = build(4, fixed(2), true);
+        let dsdt = build(4, fixed(2), true, 0);
         assert_eq!(&dsdt[0..4], b"DSDT");
         assert_eq!(dsdt[8], DSDT_REVISION);
         assert_eq!(
@@ -847,7 +880,7 @@ mod tests {
 
     #[test]
     fn mat_buffers_have_enabled_bit() {
-        let dsdt = build(6, fixed(0), true);
+        let dsdt = build(6, fixed(0), true, 0);
         for cpu in 0..6u8 {
             // Name(_MAT, Buffer(8) { type 0, len 8, uid, apic id, flags = Enabled })
             let mut mat = b"_MAT".to_vec();
@@ -858,7 +891,7 @@ mod tests {
 
     #[test]
     fn cpu_devices_and_eject() {
-        let dsdt = build(3, fixed(0), true);
+        let dsdt = build(3, fixed(0), true, 0);
         for cpu in 0..3u8 {
             assert!(contains(&dsdt, cpu_device_name(cpu).as_bytes()));
         }
@@ -869,12 +902,12 @@ mod tests {
 
     #[test]
     fn memory_slots() {
-        let none = build(1, fixed(0), true);
+        let none = build(1, fixed(0), true, 0);
         assert!(contains(&none, b"MSCN"));
         assert!(!contains(&none, b"M000"));
         // No PNP0C80 (EISA id bytes 41 D0 0C 80) device without slots.
         assert!(!contains(&none, &[0x41, 0xd0, 0x0c, 0x80]));
-        let some = build(1, fixed(3), true);
+        let some = build(1, fixed(3), true, 0);
         for slot in 0..3 {
             assert!(contains(&some, memory_device_name(slot).as_bytes()));
         }
@@ -887,6 +920,7 @@ mod tests {
                 ejectable: true,
             },
             true,
+            0,
         );
         assert_eq!(removable.windows(4).filter(|w| w == b"_EJ0").count(), 3);
         assert!(contains(&removable, b"MDEJ"));
@@ -894,7 +928,7 @@ mod tests {
 
     #[test]
     fn s5_package() {
-        let dsdt = build(1, fixed(0), true);
+        let dsdt = build(1, fixed(0), true, 0);
         // Name(\_S5_, Package(4) { 5, 0, 0, 0 })
         assert!(contains(
             &dsdt,
@@ -904,7 +938,7 @@ mod tests {
 
     #[test]
     fn pvpanic_device_only_when_asked() {
-        let with = build(1, fixed(0), true);
+        let with = build(1, fixed(0), true, 0);
         assert!(contains(&with, b"PEVT"));
         assert!(contains(&with, b"QEMU0001"));
         // IO descriptor: 0x47, decode16, min = max = 0x505, align 1, len 1.
@@ -912,7 +946,7 @@ mod tests {
             &with,
             &[0x47, 0x01, 0x05, 0x05, 0x05, 0x05, 0x01, 0x01]
         ));
-        let without = build(1, fixed(0), false);
+        let without = build(1, fixed(0), false, 0);
         assert!(!contains(&without, b"PEVT"));
         assert!(!contains(&without, b"QEMU0001"));
     }

@@ -120,6 +120,8 @@ pub struct AcpiConfig {
     pub memory_removable: bool,
     /// Whether the DSDT describes the pvpanic device (`QEMU0001` at [`layout::ports::PVPANIC`]).
     pub pvpanic: bool,
+    /// Number of virtio-mmio devices (`LNRO0005`), at most [`layout::MAX_VIRTIO_DEVICES`].
+    pub virtio_devices: usize,
 }
 
 /// One table and where it goes in guest memory.
@@ -228,7 +230,15 @@ pub fn build(cfg: &AcpiConfig) -> Result<AcpiTables, AcpiError> {
         slots: cfg.memory_slots,
         ejectable: cfg.memory_removable,
     };
-    let dsdt_addr = place("DSDT", dsdt::build(max_cpus, memory, cfg.pvpanic));
+    let dsdt_addr = place(
+        "DSDT",
+        dsdt::build(
+            max_cpus,
+            memory,
+            cfg.pvpanic,
+            cfg.virtio_devices.min(layout::MAX_VIRTIO_DEVICES),
+        ),
+    );
     let madt_addr = place("APIC", madt::build(boot_cpus, max_cpus));
     let fadt_addr = place("FACP", fadt::build(dsdt_addr));
     let mut xsdt = XSDT::new(OEM_ID, *b"MVMXSDT ", OEM_REVISION);

@@ -16,6 +16,7 @@ const SMALL: AcpiConfig = AcpiConfig {
     memory_slots: 16,
     memory_removable: true,
     pvpanic: true,
+    virtio_devices: 0,
 };
 const LARGEST: AcpiConfig = AcpiConfig {
     boot_cpus: 2,
@@ -23,6 +24,7 @@ const LARGEST: AcpiConfig = AcpiConfig {
     memory_slots: layout::MAX_MEMORY_HOTPLUG_SLOTS,
     memory_removable: true,
     pvpanic: true,
+    virtio_devices: layout::MAX_VIRTIO_DEVICES,
 };
 const NO_MEMORY_SLOTS: AcpiConfig = AcpiConfig {
     boot_cpus: 2,
@@ -30,6 +32,7 @@ const NO_MEMORY_SLOTS: AcpiConfig = AcpiConfig {
     memory_slots: 0,
     memory_removable: false,
     pvpanic: false,
+    virtio_devices: 0,
 };
 const CONFIGS: [AcpiConfig; 3] = [SMALL, LARGEST, NO_MEMORY_SLOTS];
 
@@ -182,6 +185,7 @@ fn invalid_configurations_are_rejected() {
         memory_slots,
         memory_removable: false,
         pvpanic: true,
+        virtio_devices: 0,
     };
     assert!(matches!(build(&cfg(0, 4, 0)), Err(AcpiError::NoBootCpus)));
     assert!(matches!(

@@ -19,6 +19,7 @@ pub(crate) mod regs;
 pub mod reset_control;
 pub mod rtc;
 pub mod serial;
+pub mod virtio;
 
 pub use bus::{Bus, BusError};
 

@@ -43,7 +43,8 @@ L1_MODULES=(irqbypass ccp kvm kvm-amd virtio_ring virtio virtio_pci_modern_dev v
 	9pnet 9pnet_virtio netfs fscache 9p)
 # Modules the L2 test guest loads at boot, in load order: the devices minivmm offers that the Debian kernel
 # builds as modules (pvpanic through ACPI QEMU0001).
-L2_MODULES=(pvpanic pvpanic-mmio)
+L2_MODULES=(pvpanic pvpanic-mmio virtio_ring virtio virtio_mmio virtio_blk vsock vmw_vsock_virtio_transport_common
+	vmw_vsock_virtio_transport)
 
 BUSYBOX="${BUSYBOX:-/bin/busybox}"
 
@@ -194,7 +195,7 @@ pack() {
 
 build_l2_initramfs() {
 	local out="$CACHE/l2-initramfs.gz" m
-	if fresh "$out" && [[ "$out" -nt "$KDIR/release" ]]; then
+	if fresh "$out" && [[ "$out" -nt "$KDIR/release" && "$out" -nt "$GUEST_DIR/vsock-tool.c" ]]; then
 		log "l2-initramfs: up to date"
 		return
 	fi
@@ -204,6 +205,10 @@ build_l2_initramfs() {
 	mkdir -p "$dir/modules"
 	for m in "${L2_MODULES[@]}"; do cp "$KDIR/modules/$m.ko" "$dir/modules/"; done
 	echo "${L2_MODULES[*]}" >"$dir/modules/order"
+	# The guest side of the vsock tests (busybox has no AF_VSOCK client).
+	need gcc gcc
+	gcc -static -O2 -Wall -o "$dir/bin/vsock-tool" "$GUEST_DIR/vsock-tool.c" ||
+		die "building vsock-tool failed (needs gcc and libc6-dev for a static binary)"
 
 	# /init: mounts, modules, then busybox init (which makes plain `poweroff` / `reboot` work: they signal PID 1).
 	cat >"$dir/init" <<'EOF'

@@ -87,6 +87,19 @@ pub const MEM_HOTPLUG_START: u64 = PLATFORM_MMIO_START + 0x200;
 /// Size of the memory hotplug controller register block.
 pub const MEM_HOTPLUG_SIZE: u64 = 0x1c;
 
+/// virtio-mmio devices: one 4 KiB page each from here, in the order of the command line (disks
+/// first, then vsock), described to the guest as ACPI `LNRO0005` devices.
+pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
+/// Size of one virtio-mmio device's register page.
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// Most virtio-mmio devices (one interrupt line each, [`irq::VIRTIO`]).
+pub const MAX_VIRTIO_DEVICES: usize = irq::VIRTIO.len();
+const _: () = assert!(
+    VIRTIO_MMIO_START >= MMIO_HOLE_START
+        && VIRTIO_MMIO_START + VIRTIO_MMIO_SIZE * MAX_VIRTIO_DEVICES as u64 <= PLATFORM_MMIO_START,
+    "the virtio-mmio pages lie in the 32-bit MMIO hole, below the platform page"
+);
+
 /// In-kernel IOAPIC.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// Local APIC of every vCPU.
@@ -180,6 +193,8 @@ pub mod irq {
     pub const RTC: u32 = 8;
     /// GED: edge-triggered, active-high; 16..23 are routed to the IOAPIC only.
     pub const GED: u32 = 16;
+    /// virtio-mmio devices, edge-triggered, active-high, one line each (IOAPIC-only lines).
+    pub const VIRTIO: [u32; 7] = [17, 18, 19, 20, 21, 22, 23];
 }
 
 /// Highest number of vCPUs: APIC IDs are bytes in MADT type-0 entries and 0xff is broadcast.

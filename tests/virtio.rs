@@ -1,0 +1,320 @@
+//! Real-Linux virtio tests (issue 10): virtio-blk disks (read-only and read-write) and the
+//! Firecracker-compatible hybrid vsock, through a guest reboot. The guest loads the Debian
+//! kernel's virtio_mmio, virtio_blk and vsock modules and finds the devices through ACPI
+//! (`LNRO0005`), with no command-line hints.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::process::Command;
+use std::thread;
+use std::time::Duration;
+
+use common::{run_in_test_host, Vm, VmOptions, EXIT_TIMEOUT};
+use vmm_sys_util::tempdir::TempDir;
+
+const MIB: u64 = 1 << 20;
+/// Guest commands that move tens of MiB through the nested test host.
+const BULK_TIMEOUT: Duration = Duration::from_secs(240);
+
+/// The pattern vsock-tool sends: byte i is (i * 31 + i / 4096) & 0xff.
+fn pattern(from: u64, buf: &mut [u8]) {
+    for (k, b) in buf.iter_mut().enumerate() {
+        let i = from + k as u64;
+        *b = ((i * 31 + i / 4096) & 0xff) as u8;
+    }
+}
+
+/// FNV-1a 64, as vsock-tool computes it.
+#[derive(Clone, Copy)]
+struct Fnv(u64);
+
+impl Fnv {
+    fn new() -> Self {
+        Fnv(1469598103934665603)
+    }
+    fn update(&mut self, data: &[u8]) {
+        for &b in data {
+            self.0 ^= u64::from(b);
+            self.0 = self.0.wrapping_mul(1099511628211);
+        }
+    }
+}
+
+fn pattern_hash(n: u64) -> u64 {
+    let mut h = Fnv::new();
+    let mut buf = vec![0u8; 65536];
+    let mut at = 0;
+    while at < n {
+        let k = (n - at).min(buf.len() as u64) as usize;
+        pattern(at, &mut buf[..k]);
+        h.update(&buf[..k]);
+        at += k as u64;
+    }
+    h.0
+}
+
+fn md5(path: &Path, bytes: Option<u64>) -> String {
+    let cmd = match bytes {
+        Some(n) => format!("head -c {n} {} | md5sum", path.display()),
+        None => format!("md5sum < {}", path.display()),
+    };
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(&cmd)
+        .output()
+        .expect("md5sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
+/// Host-initiated connection to guest port `port` through the hybrid vsock socket.
+fn connect(sock: &Path, port: u32) -> UnixStream {
+    let mut s = UnixStream::connect(sock).expect("connect to the vsock socket");
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    writeln!(s, "CONNECT {port}").unwrap();
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.last() != Some(&b'\n') {
+        let n = s.read(&mut byte).expect("read the OK line");
+        assert_eq!(n, 1, "the socket closed before OK (line so far {line:?})");
+        line.push(byte[0]);
+    }
+    let line = String::from_utf8_lossy(&line).to_string();
+    let local: u32 = line
+        .strip_prefix("OK ")
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("want OK <port>, got {line:?}"));
+    assert!(local > 0);
+    s
+}
+
+/// Sends `n` pattern bytes on `s` while reading the echo; returns (bytes echoed, their hash).
+fn echo_exchange(s: UnixStream, n: u64) -> (u64, u64) {
+    let mut w = s.try_clone().unwrap();
+    let writer = thread::spawn(move || {
+        let mut buf = vec![0u8; 65536];
+        let mut at = 0;
+        while at < n {
+            let k = (n - at).min(buf.len() as u64) as usize;
+            pattern(at, &mut buf[..k]);
+            w.write_all(&buf[..k]).expect("write to the guest");
+            at += k as u64;
+        }
+        w.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let mut r = s;
+    let mut h = Fnv::new();
+    let mut got = 0u64;
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let k = r.read(&mut buf).expect("read the echo");
+        if k == 0 {
+            break;
+        }
+        h.update(&buf[..k]);
+        got += k as u64;
+    }
+    writer.join().unwrap();
+    (got, h.0)
+}
+
+fn start_echo_listener(vm: &mut Vm, port: u32) {
+    vm.sh(&format!(
+        "vsock-tool listen {port} echo > /tmp/listen.log 2>&1 < /dev/null & true"
+    ));
+    let log = vm.sh("sleep 0.3; cat /tmp/listen.log");
+    assert!(log.contains("VSOCK-LISTENING"), "guest listener: {log}");
+}
+
+/// A host listener on `PATH_port` that answers each connection with "<bytes> <hash>\n".
+fn host_sink(sock: &Path, port: u32) -> thread::JoinHandle<()> {
+    let path = format!("{}_{port}", sock.display());
+    let listener = UnixListener::bind(&path).expect("bind the host listener");
+    thread::spawn(move || {
+        if let Ok((mut s, _)) = listener.accept() {
+            let mut h = Fnv::new();
+            let mut n = 0u64;
+            let mut buf = vec![0u8; 65536];
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => {
+                        h.update(&buf[..k]);
+                        n += k as u64;
+                    }
+                }
+            }
+            let _ = writeln!(s, "{n} {:016x}", h.0);
+        }
+    })
+}
+
+#[test]
+fn disks_read_write_refuse_and_survive_a_reboot() {
+    run_in_test_host("disks_read_write_refuse_and_survive_a_reboot", || {
+        let dir = TempDir::new().unwrap();
+        let d = dir.as_path();
+        // Read-only disk: a tar archive holding one file (busybox tar reads it off /dev/vda).
+        let mut content = vec![0u8; 300 * 1024 + 17];
+        pattern(7, &mut content);
+        std::fs::write(d.join("hello.txt"), &content).unwrap();
+        let ro = d.join("ro.tar");
+        let st = Command::new("tar")
+            .args([
+                "-C",
+                &d.display().to_string(),
+                "-cf",
+                &ro.display().to_string(),
+                "hello.txt",
+            ])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let ro_md5 = md5(&ro, None);
+        let file_md5 = md5(&d.join("hello.txt"), None);
+        let rw = d.join("rw.img");
+        std::fs::write(&rw, vec![0u8; (8 * MIB) as usize]).unwrap();
+
+        let mut opts = VmOptions::bzimage();
+        opts.extra = vec![
+            "--disk".into(),
+            format!("path={},readonly=on", ro.display()),
+            "--disk".into(),
+            format!("path={}", rw.display()),
+        ];
+        let mut vm = Vm::boot(opts);
+        assert_eq!(vm.sh("cat /sys/block/vda/ro /sys/block/vdb/ro"), "1\n0");
+        assert_eq!(
+            vm.sh("cat /sys/block/vdb/size"),
+            (8 * MIB / 512).to_string(),
+            "capacity in sectors"
+        );
+        assert_eq!(
+            vm.sh("tar -xOf /dev/vda hello.txt | md5sum | cut -d' ' -f1"),
+            file_md5,
+            "the file read from the read-only disk"
+        );
+        // Writes to the read-only disk are refused and change nothing.
+        let (out, rc) = vm.run("dd if=/dev/zero of=/dev/vda bs=512 count=1 conv=fsync");
+        assert_ne!(rc, 0, "a write to the read-only disk succeeded: {out}");
+
+        // Write 3 MiB plus a partial MiB to the second disk, sync, and read it back on the host.
+        let guest_md5 = vm.sh(
+            "dd if=/dev/urandom of=/tmp/w bs=1024 count=3500 2>/dev/null; \
+             dd if=/tmp/w of=/dev/vdb bs=64k conv=fsync 2>/dev/null; sync; \
+             md5sum /tmp/w | cut -d' ' -f1",
+        );
+        assert_eq!(
+            md5(&rw, Some(3500 * 1024)),
+            guest_md5,
+            "host read-back of the guest's write"
+        );
+        let id = vm.sh("cat /sys/block/vdb/serial 2>/dev/null || true");
+        assert!(
+            id.is_empty() || id.starts_with("minivmm-vd1"),
+            "get-id: {id:?}"
+        );
+
+        // After a reboot the disks come back with the same contents.
+        vm.write_line("reboot -f");
+        vm.wait_ready();
+        assert_eq!(
+            vm.sh("tar -xOf /dev/vda hello.txt | md5sum | cut -d' ' -f1"),
+            file_md5
+        );
+        assert_eq!(
+            vm.sh("head -c 3584000 /dev/vdb | md5sum | cut -d' ' -f1"),
+            guest_md5
+        );
+        assert_eq!(md5(&ro, None), ro_md5, "the read-only image is unchanged");
+        vm.write_line("poweroff -f");
+        assert_eq!(vm.wait_exit(EXIT_TIMEOUT), 0);
+    });
+}
+
+#[test]
+fn vsock_moves_64_mib_both_ways_with_32_connections_and_after_a_reboot() {
+    run_in_test_host(
+        "vsock_moves_64_mib_both_ways_with_32_connections_and_after_a_reboot",
+        || {
+            let dir = TempDir::new().unwrap();
+            let sock = dir.as_path().join("v.sock");
+            let mut opts = VmOptions::bzimage();
+            opts.memory = Some("size=768M".into());
+            opts.extra = vec![
+                "--vsock".into(),
+                format!("cid=42,socket={}", sock.display()),
+            ];
+            let mut vm = Vm::boot(opts);
+            assert_eq!(vm.sh("cat /sys/bus/virtio/devices/*/device"), "0x0013");
+            start_echo_listener(&mut vm, 5000);
+
+            // Host-initiated: 64 MiB to the guest and 64 MiB back, checksummed.
+            let n = 64 * MIB;
+            let t = std::time::Instant::now();
+            let (got, hash) = echo_exchange(connect(&sock, 5000), n);
+            println!("vsock echo of {} MiB: {:.2?}", n / MIB, t.elapsed());
+            assert_eq!(
+                (got, hash),
+                (n, pattern_hash(n)),
+                "echoed bytes and checksum"
+            );
+
+            // Guest-initiated: 64 MiB to a host listener on PATH_6000.
+            let sink = host_sink(&sock, 6000);
+            let (out, rc) =
+                vm.run_timeout(&format!("vsock-tool connect 2 6000 send {n}"), BULK_TIMEOUT);
+            assert_eq!(rc, 0, "{out}");
+            assert_eq!(out.trim(), format!("{n} {:016x}", pattern_hash(n)));
+            sink.join().unwrap();
+
+            // A connection to a guest port nobody listens on is closed without OK.
+            let mut s = UnixStream::connect(&sock).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            s.write_all(b"CONNECT 5999\n").unwrap();
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest);
+            assert!(!rest.starts_with(b"OK"), "got {rest:?}");
+            // A guest connection to a host port nobody listens on fails.
+            let (_, rc) = vm.run("vsock-tool connect 2 6001 send 10");
+            assert_ne!(rc, 0);
+
+            // 32 concurrent connections, 1 MiB each way.
+            let each = MIB;
+            let workers: Vec<_> = (0..32)
+                .map(|_| {
+                    let sock = sock.clone();
+                    thread::spawn(move || echo_exchange(connect(&sock, 5000), each))
+                })
+                .collect();
+            for w in workers {
+                assert_eq!(w.join().unwrap(), (each, pattern_hash(each)));
+            }
+            let conns = vm.sh("ls /proc/*/fd 2>/dev/null | wc -l");
+            assert!(!conns.is_empty());
+
+            // After a reboot: the device is new, the socket still answers.
+            vm.write_line("reboot -f");
+            vm.wait_ready();
+            start_echo_listener(&mut vm, 5000);
+            assert_eq!(
+                echo_exchange(connect(&sock, 5000), MIB),
+                (MIB, pattern_hash(MIB))
+            );
+            let sink = host_sink(&sock, 6002);
+            assert_eq!(
+                vm.sh("vsock-tool connect 2 6002 send 1000"),
+                format!("1000 {:016x}", pattern_hash(1000))
+            );
+            sink.join().unwrap();
+            vm.write_line("poweroff -f");
+            assert_eq!(vm.wait_exit(EXIT_TIMEOUT), 0);
+        },
+    );
+}
