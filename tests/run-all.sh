@@ -1,6 +1,7 @@
 #!/bin/bash
 # THE minivmm test command: formatting, lints, guest images, then every test (unit tests and the real-Linux
-# boot tests, which run on hardware KVM directly or inside the emulated test host; see tests/common/mod.rs).
+# boot tests, which run on hardware KVM directly or inside the emulated test host; see tests/common/mod.rs),
+# then each fuzz target for FUZZ_SECONDS (default 15).
 # Runs every step even after a failure, prints a timing summary, and exits non-zero if any step failed.
 #
 # Usage: tests/run-all.sh [extra cargo test arguments, e.g. -- --test-threads=1]
@@ -30,9 +31,12 @@ step() {
 
 step fmt cargo fmt --check
 step clippy cargo clippy --all-targets -- -D warnings
+step clippy-fuzzing cargo clippy --lib --features fuzzing -- -D warnings
 step doc env RUSTDOCFLAGS="-D warnings" cargo doc --no-deps
 step images tests/guest/build-images.sh
 step test cargo test --no-fail-fast "$@"
+# Each fuzz target for a short bounded time after replaying its saved crashes (fuzz/README.md).
+step fuzz fuzz/run.sh "${FUZZ_SECONDS:-15}"
 
 echo
 echo "=== run-all summary (total $((SECONDS - T0))s; logs in target/test-logs/)"

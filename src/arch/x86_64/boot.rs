@@ -73,6 +73,9 @@ pub enum BootError {
     /// The bzImage has no 64-bit entry point.
     #[error("bzImage lacks XLF_KERNEL_64 in xloadflags: it has no 64-bit entry point")]
     NotA64BitKernel,
+    /// An ELF kernel whose loadable segments cannot be loaded as they are described.
+    #[error("the ELF kernel is malformed: {0}")]
+    BadElf(&'static str),
     /// linux-loader failed to place the kernel in guest memory.
     #[error("loading the kernel into guest memory failed: {0}")]
     LoadKernel(#[source] linux_loader::loader::Error),
@@ -171,6 +174,54 @@ fn read_at(file: &mut File, offset: u64, buf: &mut [u8]) -> Result<bool, BootErr
     }
 }
 
+/// Checks what linux-loader takes on trust in an ELF64 kernel's program headers: there is a
+/// loadable segment, and none has fewer bytes in memory than in the file (the kernel's end is
+/// computed from the memory sizes, so such a segment would let the initramfs overwrite it).
+fn check_elf_segments(kernel: &mut File) -> Result<(), BootError> {
+    const PT_LOAD: u32 = 1;
+    let mut ehdr = [0u8; 64];
+    if !read_at(kernel, 0, &mut ehdr)? {
+        return Err(BootError::BadElf("the ELF header is truncated"));
+    }
+    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+    let u64_at = |b: &[u8], o: usize| {
+        let mut v = [0u8; 8];
+        v.copy_from_slice(&b[o..o + 8]);
+        u64::from_le_bytes(v)
+    };
+    let phoff = u64_at(&ehdr, 0x20);
+    let phentsize = u16_at(&ehdr, 0x36);
+    let phnum = u16_at(&ehdr, 0x38);
+    if phentsize < 56 {
+        // linux-loader reports the class, size and header errors itself.
+        return Ok(());
+    }
+    let mut loads = 0;
+    let mut ph = [0u8; 56];
+    for i in 0..u64::from(phnum) {
+        let at = phoff.saturating_add(i * u64::from(phentsize));
+        if !read_at(kernel, at, &mut ph)? {
+            return Err(BootError::BadElf(
+                "a program header lies past the end of the file",
+            ));
+        }
+        let p_type = u32::from_le_bytes([ph[0], ph[1], ph[2], ph[3]]);
+        if p_type != PT_LOAD {
+            continue;
+        }
+        loads += 1;
+        if u64_at(&ph, 0x28) < u64_at(&ph, 0x20) {
+            return Err(BootError::BadElf(
+                "a loadable segment is smaller in memory than in the file",
+            ));
+        }
+    }
+    if loads == 0 {
+        return Err(BootError::BadElf("it has no loadable segment"));
+    }
+    Ok(())
+}
+
 fn detect_format(kernel: &mut File) -> Result<KernelFormat, BootError> {
     let mut magic = [0u8; 4];
     if read_at(kernel, 0, &mut magic)? && magic == *b"\x7fELF" {
@@ -221,6 +272,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, kernel: &mut File) -> Result<KernelEnt
     let himem = Some(GuestAddress(HIMEM_START));
     match detect_format(kernel)? {
         KernelFormat::Elf => {
+            check_elf_segments(kernel)?;
             let res = Elf::load(mem, None, kernel, himem).map_err(BootError::LoadKernel)?;
             let (entry, protocol) = match res.pvh_boot_cap {
                 PvhBootCapability::PvhEntryPresent(addr) => (addr, BootProtocol::Pvh),
@@ -518,6 +570,34 @@ mod tests {
     }
 
     const CODE: [u8; 4] = [0xf4, 0xeb, 0xfd, 0x90]; // hlt; jmp .-1; nop
+
+    /// Found by the boot_loader fuzz target (fuzz/regressions/boot_loader): a PT_LOAD with
+    /// p_memsz < p_filesz made the kernel end before the bytes it wrote, so an initramfs
+    /// placed above it could overwrite the kernel. An ELF with no PT_LOAD "loaded" nothing.
+    #[test]
+    fn elf_segments_smaller_in_memory_than_in_the_file_or_absent_are_refused() {
+        let mem = guest_mem(64 * MIB);
+        let mut elf = build_elf(0x100_0000, 0x100_0000, &CODE, None);
+        // The PT_LOAD's p_memsz (offset 0x28 in the first program header) below its p_filesz.
+        elf[64 + 0x28..64 + 0x30].copy_from_slice(&0u64.to_le_bytes());
+        let mut t = temp_file(&elf);
+        let e = load_kernel(&mem, &mut t).unwrap_err();
+        assert!(e.to_string().contains("smaller in memory"), "{e}");
+        // The same segment as PT_NULL: no loadable segment at all.
+        let mut elf = build_elf(0x100_0000, 0x100_0000, &CODE, None);
+        elf[64..68].copy_from_slice(&0u32.to_le_bytes());
+        let mut t = temp_file(&elf);
+        let e = load_kernel(&mem, &mut t).unwrap_err();
+        assert!(e.to_string().contains("no loadable segment"), "{e}");
+        // The fuzzer's input itself.
+        let input = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fuzz/regressions/boot_loader/elf-memsz-below-filesz"
+        ))
+        .unwrap();
+        let mut t = temp_file(&input);
+        assert!(load_kernel(&mem, &mut t).is_err());
+    }
 
     #[test]
     fn elf_with_pvh_note_uses_pvh_entry() {
