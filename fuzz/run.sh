@@ -15,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 secs=${1:-20}
 [ $# -gt 0 ] && shift
-all=(control_line devices acpi boot_loader)
+all=(control_line devices acpi boot_loader virtio)
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=("${all[@]}")
 case $secs in
@@ -36,7 +36,7 @@ for t in "${targets[@]}"; do bins+=(--bin "$t"); done
 echo "== building ${targets[*]} (release, sancov, $host)"
 cargo build --release --target "$host" "${bins[@]}"
 
-declare -A max_len=([control_line]=12288 [devices]=4096 [acpi]=64 [boot_loader]=8192)
+declare -A max_len=([control_line]=12288 [devices]=4096 [acpi]=64 [boot_loader]=8192 [virtio]=4096)
 failed=()
 summary=()
 for t in "${targets[@]}"; do
