@@ -312,6 +312,12 @@ pub fn which(name: &str) -> Option<PathBuf> {
 /// its own (a frozen L1, or an L2 guest that triple-faults at random, about once per CI run). A
 /// deterministic regression still fails both runs. On hardware KVM (`Direct`) nothing is retried.
 pub fn run_in_test_host(name: &str, body: impl FnOnce()) {
+    run_in_test_host_for(name, L1_TIMEOUT, body);
+}
+
+/// [`run_in_test_host`] with a longer hard limit on each emulated test-host run than
+/// [`L1_TIMEOUT`] (for benchmarks that boot many guests in one host, and the resize soak).
+pub fn run_in_test_host_for(name: &str, l1_timeout: Duration, body: impl FnOnce()) {
     if let Some(thread_name) = thread::current().name() {
         assert!(
             thread_name == "main" || thread_name == name || thread_name.ends_with(&format!("::{name}")),
@@ -323,7 +329,7 @@ pub fn run_in_test_host(name: &str, body: impl FnOnce()) {
             set_current_test(name);
             body();
         }
-        TestHost::Emulated => run_emulated(name),
+        TestHost::Emulated => run_emulated(name, l1_timeout),
     }
 }
 
@@ -549,7 +555,7 @@ pub fn parse_l1_step(console: &str, step: &str) -> Option<f64> {
 
 /// Runs test `name` of this executable inside a fresh emulated test host and fails unless it passed there
 /// (at most two runs, see [`run_in_test_host`]).
-fn run_emulated(name: &str) {
+fn run_emulated(name: &str, l1_timeout: Duration) {
     let imgs = images();
     let _lock = l1_lock();
     let logs = log_dir();
@@ -657,7 +663,7 @@ fn run_emulated(name: &str) {
             ),
         ];
 
-        let deadline = start + L1_TIMEOUT;
+        let deadline = start + l1_timeout;
         let (mut seen, mut last_output) = (0, Instant::now());
         let (mut froze, mut lockup) = (false, false);
         let status = loop {
@@ -711,7 +717,7 @@ fn run_emulated(name: &str) {
             )),
             (None, _) => Some(format!(
                 "the emulated test host timed out after {}s (killed)",
-                L1_TIMEOUT.as_secs()
+                l1_timeout.as_secs()
             )),
             (_, None) => Some("the emulated test host exited without a result marker".to_string()),
             (_, Some(0)) => None,
