@@ -342,6 +342,7 @@ pub(crate) fn run(vmm: &mut Vmm, mut sources: Sources) -> Result<Exit, EventLoop
     let mut kicks_of_boot = 0;
 
     let mut events = vec![EpollEvent::default(); 32];
+    crate::seccomp::probe_forbidden_syscall("main");
     loop {
         // A new boot has new virtqueue kick eventfds (the old ones left epoll when closed).
         if vmm.boot_count() != kicks_of_boot {

@@ -155,6 +155,23 @@ pub fn install_sigsys_handler() -> Result<(), SeccompError> {
     Ok(())
 }
 
+/// The seccomp tests' probe, in debug builds only: when `MINIVMM_TEST_FORBIDDEN_SYSCALL` names
+/// the calling thread's kind (`main` for the event-loop thread, `vcpu` for a vCPU thread), the
+/// thread makes a system call no filter allows (`getppid`), so the tests can check that each
+/// thread kind is confined and killed with [`SECCOMP_EXIT_CODE`] and the message. Release builds
+/// have no probe.
+pub(crate) fn probe_forbidden_syscall(kind: &str) {
+    if cfg!(debug_assertions)
+        && std::env::var_os("MINIVMM_TEST_FORBIDDEN_SYSCALL").is_some_and(|v| v == kind)
+    {
+        // SAFETY: getppid takes no arguments and changes nothing; under the filter it never
+        // returns (SIGSYS), without one it returns the parent's pid.
+        unsafe {
+            libc::syscall(libc::SYS_getppid);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -181,6 +181,7 @@ fn run_vcpu(id: u32, mut vcpu: VcpuFd, ctx: VcpuContext, kill: &AtomicBool) -> V
             return vcpu;
         }
     }
+    seccomp::probe_forbidden_syscall("vcpu");
     let immediate_exit: *mut u8 = &mut vcpu.get_kvm_run().immediate_exit;
     IMMEDIATE_EXIT.with(|p| p.set(immediate_exit));
     let mut vcpu = run_loop(id, vcpu, &ctx, kill);
