@@ -5,9 +5,9 @@
 #   kernel/vmlinux        the ELF vmlinux (with the PVH note) recovered from the bzImage's XZ payload
 #   kernel/config         the kernel's config
 #   kernel/release        the kernel release string (e.g. 6.1.0-56-amd64)
-#   kernel/modules/*.ko   the modules the L1 test host needs (kvm_amd, virtio, 9p)
+#   kernel/modules/*.ko   the modules the L1 test host needs (kvm_amd, virtio, 9p, vhost_vsock) and the L2 guest's
 #   l2-initramfs.gz       busybox guest: prints GUEST-READY, shell on ttyS0, plain poweroff/reboot work
-#   l1-initramfs.gz       emulated test host: loads kvm_amd + 9p, chroots into the host root, runs a command
+#   l1-initramfs.gz       emulated test host: loads kvm_amd, 9p, vhost_vsock, chroots into the host root, runs a command
 #
 # Idempotent: an output that exists and is newer than this script is not rebuilt.
 # Needs: apt-get (with package lists), dpkg-deb, busybox-static, cpio, gzip, xz, python3.
@@ -39,8 +39,9 @@ need() {
 }
 
 # Modules the L1 initramfs loads, in load order (busybox insmod does not resolve dependencies).
+# vsock .. vhost_vsock give L1 /dev/vhost-vsock, for QEMU's vhost-vsock device in tests/virtio_bench.rs.
 L1_MODULES=(irqbypass ccp kvm kvm-amd virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
-	9pnet 9pnet_virtio netfs fscache 9p)
+	9pnet 9pnet_virtio netfs fscache 9p vsock vmw_vsock_virtio_transport_common vhost_iotlb vhost vhost_vsock)
 # Modules the L2 test guest loads at boot, in load order: the devices minivmm offers that the Debian kernel
 # builds as modules (pvpanic through ACPI QEMU0001).
 L2_MODULES=(pvpanic pvpanic-mmio virtio_ring virtio virtio_mmio virtio_blk vsock vmw_vsock_virtio_transport_common
