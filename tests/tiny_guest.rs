@@ -1120,7 +1120,7 @@ fn out_of_descriptors_the_control_socket_sheds_connections_without_spinning() {
 
 #[test]
 fn a_hostile_guest_cannot_crash_or_stall_minivmm() {
-    let mut vm = Controlled::start_with(
+    let vm = Controlled::start_with(
         "hostile",
         HOSTILE,
         &[
@@ -1132,28 +1132,54 @@ fn a_hostile_guest_cannot_crash_or_stall_minivmm() {
             "off",
         ],
     );
+    let (asked, log) = hammer_with_resizes(
+        vm,
+        1..=4,
+        &[
+            "resize cpus=3",
+            "resize cpus=1",
+            "resize mem=192M",
+            "resize cpus=4 mem=320M",
+        ],
+        |_| {},
+    );
+    println!(
+        "hostile guest: {asked} info+resize pairs answered, {} log lines",
+        log.lines().count()
+    );
+}
+
+/// For 3 s, asks `info` (whose cpus must stay in `cpus`) and then the next of `requests`, each
+/// of which must be answered; calls `during` once half-way with minivmm's pid; then shuts down
+/// and checks the exit and the log. Returns the pairs answered and minivmm's log.
+fn hammer_with_resizes(
+    mut vm: Controlled,
+    cpus: std::ops::RangeInclusive<u32>,
+    requests: &[&str],
+    mut during: impl FnMut(u32),
+) -> (u32, String) {
     let log = vm.drain_log();
     let mut c = vm.connect();
     let t0 = Instant::now();
     let mut asked = 0u32;
+    let mut called = false;
     while t0.elapsed() < Duration::from_secs(3) {
         let info = c.ask("info");
         assert!(info.starts_with("ok state=running"), "{info}");
-        let cpus: u32 = field(&info, "cpus").parse().expect("cpus");
-        assert!((1..=4).contains(&cpus), "{info}");
-        asked += 1;
+        let n: u32 = field(&info, "cpus").parse().expect("cpus");
+        assert!(cpus.contains(&n), "{info}");
         // Resizes while the guest scribbles over the controllers: each is answered.
-        let request = match asked % 4 {
-            0 => "resize cpus=3",
-            1 => "resize cpus=1",
-            2 => "resize mem=192M",
-            _ => "resize cpus=4 mem=320M",
-        };
+        let request = requests[asked as usize % requests.len()];
+        asked += 1;
         let reply = c.ask(request);
         assert!(
             reply.starts_with("ok") || reply.starts_with("error"),
             "{request}: {reply}"
         );
+        if !called && t0.elapsed() >= Duration::from_millis(1500) {
+            called = true;
+            during(vm.child.id());
+        }
     }
     assert!(asked >= 20, "only {asked} requests answered in 3 s");
     assert!(c.ask("shutdown").starts_with("ok"));
@@ -1163,10 +1189,7 @@ fn a_hostile_guest_cannot_crash_or_stall_minivmm() {
         !log.contains("panicked") && !log.contains("seccomp"),
         "{log}"
     );
-    println!(
-        "hostile guest: {asked} info+resize pairs answered, {} log lines",
-        log.lines().count()
-    );
+    (asked, log)
 }
 
 /// CPU time (user + system, in clock ticks) of each of `pid`'s threads named `vcpuN`.
@@ -1197,7 +1220,7 @@ fn vcpu_ticks(pid: u32) -> Vec<(String, u64)> {
 /// minivmm stays up, answers every request and shuts down cleanly.
 #[test]
 fn a_hostile_guest_on_four_vcpus_cannot_crash_or_stall_minivmm() {
-    let mut vm = Controlled::start_with(
+    let vm = Controlled::start_with(
         "hostile-smp",
         HOSTILE_SMP,
         &[
@@ -1209,27 +1232,14 @@ fn a_hostile_guest_on_four_vcpus_cannot_crash_or_stall_minivmm() {
             "off",
         ],
     );
-    let log = vm.drain_log();
-    let mut c = vm.connect();
     let before = vcpu_ticks(vm.child.id());
-    let t0 = Instant::now();
-    let mut asked = 0u32;
-    while t0.elapsed() < Duration::from_secs(3) {
-        let info = c.ask("info");
-        assert!(info.starts_with("ok state=running"), "{info}");
-        asked += 1;
-        let request = match asked % 3 {
-            0 => "resize cpus=6",
-            1 => "resize cpus=4 mem=192M",
-            _ => "resize mem=64M",
-        };
-        let reply = c.ask(request);
-        assert!(
-            reply.starts_with("ok") || reply.starts_with("error"),
-            "{request}: {reply}"
-        );
-    }
-    let after = vcpu_ticks(vm.child.id());
+    let mut after = Vec::new();
+    let (asked, _) = hammer_with_resizes(
+        vm,
+        4..=6,
+        &["resize cpus=6", "resize cpus=4 mem=192M", "resize mem=64M"],
+        |pid| after = vcpu_ticks(pid),
+    );
     let busy = after
         .iter()
         .filter(|(name, t)| {
@@ -1237,20 +1247,12 @@ fn a_hostile_guest_on_four_vcpus_cannot_crash_or_stall_minivmm() {
                 .iter()
                 .find(|(n, _)| n == name)
                 .map_or(0, |(_, t)| *t);
-            t.saturating_sub(was) >= 10
+            t.saturating_sub(was) >= 5
         })
         .count();
     assert!(
         busy >= 4,
         "every boot vCPU runs the hostile code: {before:?} -> {after:?}"
-    );
-    assert!(asked >= 20, "only {asked} requests answered in 3 s");
-    assert!(c.ask("shutdown").starts_with("ok"));
-    assert_eq!(vm.wait(), 0);
-    let log = log.join().expect("log reader");
-    assert!(
-        !log.contains("panicked") && !log.contains("seccomp"),
-        "{log}"
     );
     println!(
         "hostile guest on 4 vCPUs: {asked} info+resize pairs answered in 3 s, {busy} vCPUs busy"

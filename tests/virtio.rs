@@ -5,56 +5,22 @@
 
 mod common;
 
+use std::fs::File;
 use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::process::Command;
 use std::thread;
 use std::time::Duration;
 
+use common::stream::{echo_exchange, pattern, pattern_hash, sink};
 use common::{run_in_test_host, Vm, VmOptions, EXIT_TIMEOUT};
 use vmm_sys_util::tempdir::TempDir;
 
 const MIB: u64 = 1 << 20;
 /// Guest commands that move tens of MiB through the nested test host.
 const BULK_TIMEOUT: Duration = Duration::from_secs(240);
-
-/// The pattern vsock-tool sends: byte i is (i * 31 + i / 4096) & 0xff.
-fn pattern(from: u64, buf: &mut [u8]) {
-    for (k, b) in buf.iter_mut().enumerate() {
-        let i = from + k as u64;
-        *b = ((i * 31 + i / 4096) & 0xff) as u8;
-    }
-}
-
-/// FNV-1a 64, as vsock-tool computes it.
-#[derive(Clone, Copy)]
-struct Fnv(u64);
-
-impl Fnv {
-    fn new() -> Self {
-        Fnv(1469598103934665603)
-    }
-    fn update(&mut self, data: &[u8]) {
-        for &b in data {
-            self.0 ^= u64::from(b);
-            self.0 = self.0.wrapping_mul(1099511628211);
-        }
-    }
-}
-
-fn pattern_hash(n: u64) -> u64 {
-    let mut h = Fnv::new();
-    let mut buf = vec![0u8; 65536];
-    let mut at = 0;
-    while at < n {
-        let k = (n - at).min(buf.len() as u64) as usize;
-        pattern(at, &mut buf[..k]);
-        h.update(&buf[..k]);
-        at += k as u64;
-    }
-    h.0
-}
 
 fn md5(path: &Path, bytes: Option<u64>) -> String {
     let cmd = match bytes {
@@ -94,34 +60,8 @@ fn connect(sock: &Path, port: u32) -> UnixStream {
     s
 }
 
-/// Sends `n` pattern bytes on `s` while reading the echo; returns (bytes echoed, their hash).
-fn echo_exchange(s: UnixStream, n: u64) -> (u64, u64) {
-    let mut w = s.try_clone().unwrap();
-    let writer = thread::spawn(move || {
-        let mut buf = vec![0u8; 65536];
-        let mut at = 0;
-        while at < n {
-            let k = (n - at).min(buf.len() as u64) as usize;
-            pattern(at, &mut buf[..k]);
-            w.write_all(&buf[..k]).expect("write to the guest");
-            at += k as u64;
-        }
-        w.shutdown(std::net::Shutdown::Write).unwrap();
-    });
-    let mut r = s;
-    let mut h = Fnv::new();
-    let mut got = 0u64;
-    let mut buf = vec![0u8; 65536];
-    loop {
-        let k = r.read(&mut buf).expect("read the echo");
-        if k == 0 {
-            break;
-        }
-        h.update(&buf[..k]);
-        got += k as u64;
-    }
-    writer.join().unwrap();
-    (got, h.0)
+fn as_file(s: UnixStream) -> File {
+    File::from(OwnedFd::from(s))
 }
 
 fn start_echo_listener(vm: &mut Vm, port: u32) {
@@ -137,20 +77,8 @@ fn host_sink(sock: &Path, port: u32) -> thread::JoinHandle<()> {
     let path = format!("{}_{port}", sock.display());
     let listener = UnixListener::bind(&path).expect("bind the host listener");
     thread::spawn(move || {
-        if let Ok((mut s, _)) = listener.accept() {
-            let mut h = Fnv::new();
-            let mut n = 0u64;
-            let mut buf = vec![0u8; 65536];
-            loop {
-                match s.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(k) => {
-                        h.update(&buf[..k]);
-                        n += k as u64;
-                    }
-                }
-            }
-            let _ = writeln!(s, "{n} {:016x}", h.0);
+        if let Ok((s, _)) = listener.accept() {
+            sink(File::from(OwnedFd::from(s)));
         }
     })
 }
@@ -258,7 +186,7 @@ fn vsock_moves_64_mib_both_ways_with_32_connections_and_after_a_reboot() {
             // Host-initiated: 64 MiB to the guest and 64 MiB back, checksummed.
             let n = 64 * MIB;
             let t = std::time::Instant::now();
-            let (got, hash) = echo_exchange(connect(&sock, 5000), n);
+            let (got, hash) = echo_exchange(as_file(connect(&sock, 5000)), n);
             println!("vsock echo of {} MiB: {:.2?}", n / MIB, t.elapsed());
             assert_eq!(
                 (got, hash),
@@ -290,7 +218,7 @@ fn vsock_moves_64_mib_both_ways_with_32_connections_and_after_a_reboot() {
             let workers: Vec<_> = (0..32)
                 .map(|_| {
                     let sock = sock.clone();
-                    thread::spawn(move || echo_exchange(connect(&sock, 5000), each))
+                    thread::spawn(move || echo_exchange(as_file(connect(&sock, 5000)), each))
                 })
                 .collect();
             for w in workers {
@@ -304,7 +232,7 @@ fn vsock_moves_64_mib_both_ways_with_32_connections_and_after_a_reboot() {
             vm.wait_ready();
             start_echo_listener(&mut vm, 5000);
             assert_eq!(
-                echo_exchange(connect(&sock, 5000), MIB),
+                echo_exchange(as_file(connect(&sock, 5000)), MIB),
                 (MIB, pattern_hash(MIB))
             );
             let sink = host_sink(&sock, 6002);

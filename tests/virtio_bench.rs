@@ -35,6 +35,7 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::stream::{echo_exchange, pattern_hash, sink};
 use common::*;
 use vmm_sys_util::tempdir::TempDir;
 
@@ -75,98 +76,6 @@ fn min_median_max(v: &[f64]) -> String {
         v[v.len() / 2],
         v[v.len() - 1]
     )
-}
-
-/// The pattern vsock-tool sends: byte i is (i * 31 + i / 4096) & 0xff.
-fn pattern(from: u64, buf: &mut [u8]) {
-    for (k, b) in buf.iter_mut().enumerate() {
-        let i = from + k as u64;
-        *b = ((i * 31 + i / 4096) & 0xff) as u8;
-    }
-}
-
-/// FNV-1a 64, as vsock-tool computes it.
-struct Fnv(u64);
-
-impl Fnv {
-    fn new() -> Self {
-        Fnv(1469598103934665603)
-    }
-    fn update(&mut self, data: &[u8]) {
-        for &b in data {
-            self.0 ^= u64::from(b);
-            self.0 = self.0.wrapping_mul(1099511628211);
-        }
-    }
-}
-
-fn pattern_hash(n: u64) -> u64 {
-    let mut h = Fnv::new();
-    let mut buf = vec![0u8; 65536];
-    let mut at = 0;
-    while at < n {
-        let k = (n - at).min(buf.len() as u64) as usize;
-        pattern(at, &mut buf[..k]);
-        h.update(&buf[..k]);
-        at += k as u64;
-    }
-    h.0
-}
-
-// ------------------------------------------------------------------------------------------------
-// Host-side stream helpers (Unix socket or AF_VSOCK, both as a File)
-// ------------------------------------------------------------------------------------------------
-
-fn shutdown_write(f: &File) {
-    // SAFETY: shutdown(2) on a socket descriptor we own; no memory is involved.
-    unsafe { libc::shutdown(f.as_raw_fd(), libc::SHUT_WR) };
-}
-
-/// Sends `n` pattern bytes on `s` while reading the echo; returns (bytes echoed, their hash).
-fn echo_exchange(s: File, n: u64) -> (u64, u64) {
-    let mut w = s.try_clone().expect("dup the connection");
-    let writer = thread::spawn(move || {
-        let mut buf = vec![0u8; 65536];
-        let mut at = 0;
-        while at < n {
-            let k = (n - at).min(buf.len() as u64) as usize;
-            pattern(at, &mut buf[..k]);
-            w.write_all(&buf[..k]).expect("write to the guest");
-            at += k as u64;
-        }
-        shutdown_write(&w);
-    });
-    let mut r = s;
-    let mut h = Fnv::new();
-    let mut got = 0u64;
-    let mut buf = vec![0u8; 65536];
-    loop {
-        let k = r.read(&mut buf).expect("read the echo");
-        if k == 0 {
-            break;
-        }
-        h.update(&buf[..k]);
-        got += k as u64;
-    }
-    writer.join().expect("writer thread");
-    (got, h.0)
-}
-
-/// Reads a connection to its end and answers "<bytes> <hash>\n" (what vsock-tool's `send` waits for).
-fn sink(mut s: File) {
-    let mut h = Fnv::new();
-    let mut n = 0u64;
-    let mut buf = vec![0u8; 65536];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(k) => {
-                h.update(&buf[..k]);
-                n += k as u64;
-            }
-        }
-    }
-    let _ = writeln!(s, "{n} {:016x}", h.0);
 }
 
 fn vsock_addr(cid: u32, port: u32) -> libc::sockaddr_vm {

@@ -16,6 +16,8 @@
 
 #![allow(dead_code)] // Each test crate uses a different subset.
 
+pub mod stream;
+
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
