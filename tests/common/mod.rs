@@ -591,8 +591,10 @@ fn run_emulated(name: &str, l1_timeout: Duration) {
             let _ = writeln!(script, "export {var}={}", shell_quote(&v));
         }
     }
-    // Benchmark settings (tests/latency.rs) reach the inner run too.
-    for (var, v) in std::env::vars().filter(|(k, _)| k.starts_with("MINIVMM_BENCH_")) {
+    // Benchmark and soak settings (tests/latency.rs, the resize soak) reach the inner run too.
+    for (var, v) in std::env::vars()
+        .filter(|(k, _)| k.starts_with("MINIVMM_BENCH_") || k.starts_with("MINIVMM_SOAK_"))
+    {
         let _ = writeln!(script, "export {var}={}", shell_quote(&v));
     }
     let _ = writeln!(
