@@ -1084,7 +1084,41 @@ impl Vm {
             t0.elapsed().as_secs_f64(),
             self.started.elapsed().as_secs_f64()
         );
+        self.shell_sync();
         uptime
+    }
+
+    /// Types a marker until the shell echoes it back whole. Right after a boot the shell's first
+    /// prompt can lose the first characters typed (seen as `o: not found` for an `echo` typed as
+    /// the prompt appeared, in the resize soak after a reboot), so the first real command must
+    /// not be typed blind.
+    #[track_caller]
+    fn shell_sync(&mut self) {
+        for attempt in 0..5 {
+            let marker = format!("__MVM_SYNC{}_{attempt}", self.boots);
+            // Quoted apart, so the shell's echo of the typed line does not match.
+            let (a, b) = marker.split_at(5);
+            self.write_raw(format!("echo \"{a}\"\"{b}\"\n").as_bytes());
+            let from = self.cursor;
+            let pat = marker.into_bytes();
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < deadline {
+                let slice = (Instant::now() + Duration::from_millis(250)).min(deadline);
+                let mut pred = |buf: &[u8]| find(buf, &pat, from).map(|p| p + pat.len());
+                if let Some(end) = self.serial.wait(slice, &mut pred) {
+                    self.consume_to(end);
+                    return;
+                }
+                if self.poll_exit().is_some() {
+                    // The next wait reports the exit with the logs.
+                    return;
+                }
+            }
+        }
+        panic!(
+            "[{}] the guest shell did not echo a marker within 15 s of GUEST-READY",
+            self.label
+        );
     }
 
     /// Waits until `pattern` appears in not-yet-consumed output; consumes up to its end and returns the
