@@ -693,29 +693,46 @@ fn env_count(name: &str, default: u32) -> u32 {
         .unwrap_or(default)
 }
 
-/// Resize soak (issue 12): cycles of CPU add/online/remove, memory add and live removal, a mixed
-/// request, bad requests and a second client, with a reboot every few cycles. minivmm's open
-/// fds, threads and guest RAM mappings are never more than after the first cycle, its own
-/// resident memory (outside guest RAM) does not creep, and every reply is what the request
-/// deserves. CI runs `MINIVMM_SOAK_CYCLES` (default 12) with a reboot every
-/// `MINIVMM_SOAK_REBOOT_EVERY` (default 6); the full soak is `MINIVMM_SOAK_CYCLES=1000
-/// MINIVMM_SOAK_REBOOT_EVERY=100`.
+/// Resize soak (issue 12): cycles of CPU add/online/remove, a memory add (128M per cycle until
+/// the window is full, then a shrink that waits for the reboot), bad requests, a second client
+/// and a mixed CPU+memory request, with a reboot every few cycles. After every cycle minivmm's
+/// open fds and threads are never more than after the first, its guest RAM mappings (one per
+/// KVM memory slot) are exactly what the RAM size needs, its own resident memory (outside guest
+/// RAM) stays within 8 MiB of the first cycle's, and every reply is what the request deserves.
+/// The test command runs `MINIVMM_SOAK_CYCLES` (default 4) with a reboot every
+/// `MINIVMM_SOAK_REBOOT_EVERY` (default 2): the window fills, a shrink waits for a reboot. The
+/// full soak is `MINIVMM_SOAK_CYCLES=1000 MINIVMM_SOAK_REBOOT_EVERY=100`, for hardware KVM: in
+/// the emulated test host the guest triple-faults at a CPU online about once in 10-60 cycles
+/// (README, "Reliability"), so it does not get far there. Live memory removal has its own test.
 #[test]
 fn resize_soak_leaks_nothing() {
-    let cycles = env_count("MINIVMM_SOAK_CYCLES", 12);
-    let reboot_every = env_count("MINIVMM_SOAK_REBOOT_EVERY", 6).max(1);
+    let cycles = env_count("MINIVMM_SOAK_CYCLES", 4);
+    let reboot_every = env_count("MINIVMM_SOAK_REBOOT_EVERY", 2).max(1);
     let limit = Duration::from_secs(120 + 20 * u64::from(cycles));
     common::run_in_test_host_for("resize_soak_leaks_nothing", limit, || {
+        const BOOT_MIB: u64 = 512;
+        const MAX_MIB: u64 = 768;
+        let size = |mib: u64| {
+            if mib.is_multiple_of(1024) {
+                format!("{}G", mib / 1024)
+            } else {
+                format!("{mib}M")
+            }
+        };
         let mut vm = Vm::boot(
             VmOptions::elf()
                 .cpus("boot=1,max=4")
-                .memory("size=512M,hotplug_size=1G,removable=on")
+                .memory("size=512M,hotplug_size=256M")
                 .control(),
         );
+        let mut mem = BOOT_MIB;
+        let mut pending_mem = BOOT_MIB;
+        // RAM of the current boot: one mapping; each 128M added since is one more.
+        let mut boot_mem = BOOT_MIB;
         let mut baseline: Option<Footprint> = None;
         let t0 = std::time::Instant::now();
         for i in 1..=cycles {
-            // CPUs: add 3, 2 or 1, online them, then remove them together with the memory below.
+            // CPUs: add 3, 2 or 1, online them, then remove them with the mixed request below.
             // The first cycle uses every vCPU index, whose fds KVM keeps until the next reboot.
             let cpus = 4 - (i - 1) % 3;
             assert_reply(
@@ -730,17 +747,17 @@ fn resize_soak_leaks_nothing() {
             online_cpus(&mut vm, &added);
             wait_info_cpus(&mut vm, cpus);
 
-            // Memory: 128M-512M more, live.
-            let mem = 512 + 128 * (1 + i % 4);
-            let want = format!("{mem}M");
-            let want = if mem % 1024 == 0 {
-                format!("{}G", mem / 1024)
+            // Memory: 128M more while the window has room and no shrink is pending; once full,
+            // a shrink to the boot size, which waits for the reboot.
+            if mem < MAX_MIB && pending_mem == mem {
+                mem += 128;
+                pending_mem = mem;
             } else {
-                want
-            };
+                pending_mem = BOOT_MIB;
+            }
             assert_reply(
-                &vm.control(&format!("resize mem={mem}M")),
-                &[("mem", &want), ("pending_mem", &want)],
+                &vm.control(&format!("resize mem={}M", pending_mem)),
+                &[("mem", &size(mem)), ("pending_mem", &size(pending_mem))],
             );
 
             // Bad requests change nothing; a second client is served meanwhile.
@@ -765,34 +782,32 @@ fn resize_soak_leaks_nothing() {
             );
             drop(other);
 
-            // One mixed request takes both back: the guest ejects the CPUs and the slots.
+            // One mixed request: the CPUs go (the guest ejects them), the memory target stays.
             assert_reply(
-                &vm.control("resize cpus=1 mem=512M"),
-                &[("pending_cpus", "1"), ("pending_mem", "512M")],
+                &vm.control(&format!("resize cpus=1 mem={}M", pending_mem)),
+                &[
+                    ("pending_cpus", "1"),
+                    ("mem", &size(mem)),
+                    ("pending_mem", &size(pending_mem)),
+                ],
             );
             wait_info_cpus(&mut vm, 1);
-            vm.poll(
-                "the hot-added memory is removed live",
-                HOTPLUG_TIMEOUT,
-                |vm| {
-                    let info = vm.info();
-                    info.get("mem").map(String::as_str) == Some("512M")
-                        && info.get("removing_mem").map(String::as_str) == Some("none")
-                },
-            );
 
             if i % reboot_every == 0 {
                 assert_eq!(vm.control("reboot"), "ok rebooting");
                 vm.wait_ready();
+                mem = pending_mem;
+                boot_mem = mem;
+                let info = vm.info();
+                assert_eq!(info.get("mem"), Some(&size(mem)), "RAM after the reboot");
             }
             // The control connection just closed may still be open in minivmm for a moment, so a
             // footprint above the first one counts only if it stays there.
+            let slots = 1 + ((mem - boot_mem) / 128) as usize;
             let mut now = footprint(vm.pid());
             if let Some(first) = baseline {
                 let within = |f: &Footprint| {
-                    f.fds <= first.fds
-                        && f.threads <= first.threads
-                        && f.ram_mappings <= first.ram_mappings
+                    f.fds <= first.fds && f.threads <= first.threads && f.ram_mappings == slots
                 };
                 let settle = std::time::Instant::now();
                 while !within(&now) && settle.elapsed() < Duration::from_secs(3) {
@@ -801,7 +816,8 @@ fn resize_soak_leaks_nothing() {
                 }
                 assert!(
                     within(&now),
-                    "cycle {i}: fds, threads or RAM mappings grew: {first:?} -> {now:?}"
+                    "cycle {i}: fds or threads grew, or {slots} RAM mappings expected: \
+                     {first:?} -> {now:?}"
                 );
                 assert!(
                     now.own_rss_kib <= first.own_rss_kib + 8 * 1024,
@@ -810,12 +826,17 @@ fn resize_soak_leaks_nothing() {
                     now.own_rss_kib
                 );
             } else {
+                assert_eq!(
+                    now.ram_mappings, slots,
+                    "RAM mappings after cycle 1: {now:?}"
+                );
                 baseline = Some(now);
             }
             if i % 10 == 0 || i == cycles {
                 println!(
-                    "soak: cycle {i}/{cycles} after {:.0?}: {now:?}",
-                    t0.elapsed()
+                    "soak: cycle {i}/{cycles} after {:.0?}: mem={} {now:?}",
+                    t0.elapsed(),
+                    size(mem)
                 );
             }
         }
