@@ -1150,19 +1150,18 @@ fn a_hostile_guest_cannot_crash_or_stall_minivmm() {
 }
 
 /// For 3 s, asks `info` (whose cpus must stay in `cpus`) and then the next of `requests`, each
-/// of which must be answered; calls `during` once half-way with minivmm's pid; then shuts down
+/// of which must be answered; calls `sample` with minivmm's pid every 50 pairs; then shuts down
 /// and checks the exit and the log. Returns the pairs answered and minivmm's log.
 fn hammer_with_resizes(
     mut vm: Controlled,
     cpus: std::ops::RangeInclusive<u32>,
     requests: &[&str],
-    mut during: impl FnMut(u32),
+    mut sample: impl FnMut(u32),
 ) -> (u32, String) {
     let log = vm.drain_log();
     let mut c = vm.connect();
     let t0 = Instant::now();
     let mut asked = 0u32;
-    let mut called = false;
     while t0.elapsed() < Duration::from_secs(3) {
         let info = c.ask("info");
         assert!(info.starts_with("ok state=running"), "{info}");
@@ -1176,9 +1175,8 @@ fn hammer_with_resizes(
             reply.starts_with("ok") || reply.starts_with("error"),
             "{request}: {reply}"
         );
-        if !called && t0.elapsed() >= Duration::from_millis(1500) {
-            called = true;
-            during(vm.child.id());
+        if asked.is_multiple_of(50) {
+            sample(vm.child.id());
         }
     }
     assert!(asked >= 20, "only {asked} requests answered in 3 s");
@@ -1232,27 +1230,30 @@ fn a_hostile_guest_on_four_vcpus_cannot_crash_or_stall_minivmm() {
             "off",
         ],
     );
-    let before = vcpu_ticks(vm.child.id());
-    let mut after = Vec::new();
+    // A vCPU that never got its SIPI waits in KVM and uses no CPU time at all. The guest resets
+    // the machine now and then (new vCPU threads, new counters), so the most CPU time each vCPU
+    // thread showed in any sample counts.
+    let mut most: Vec<(String, u64)> = Vec::new();
     let (asked, _) = hammer_with_resizes(
         vm,
         4..=6,
         &["resize cpus=6", "resize cpus=4 mem=192M", "resize mem=64M"],
-        |pid| after = vcpu_ticks(pid),
+        |pid| {
+            for (name, t) in vcpu_ticks(pid) {
+                match most.iter_mut().find(|(n, _)| *n == name) {
+                    Some((_, m)) => *m = (*m).max(t),
+                    None => most.push((name, t)),
+                }
+            }
+        },
     );
-    let busy = after
+    let busy = most
         .iter()
-        .filter(|(name, t)| {
-            let was = before
-                .iter()
-                .find(|(n, _)| n == name)
-                .map_or(0, |(_, t)| *t);
-            t.saturating_sub(was) >= 5
-        })
+        .filter(|(name, t)| ["vcpu0", "vcpu1", "vcpu2", "vcpu3"].contains(&name.as_str()) && *t > 0)
         .count();
     assert!(
-        busy >= 4,
-        "every boot vCPU runs the hostile code: {before:?} -> {after:?}"
+        busy == 4,
+        "every boot vCPU runs the hostile code (most CPU ticks seen per vCPU thread): {most:?}"
     );
     println!(
         "hostile guest on 4 vCPUs: {asked} info+resize pairs answered in 3 s, {busy} vCPUs busy"
