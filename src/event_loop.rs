@@ -405,41 +405,8 @@ pub(crate) fn run(vmm: &mut Vmm, mut sources: Sources) -> Result<Exit, EventLoop
 
 /// Applies the vsock muxer's epoll changes, in order.
 fn apply_vsock_interest(epoll: &Epoll, vmm: &Vmm) -> Result<(), EventLoopError> {
-    use crate::vsock_muxer::Interest;
-    let set = |readable: bool, writable: bool| {
-        let mut s = EventSet::empty();
-        if readable {
-            s |= EventSet::IN;
-        }
-        if writable {
-            s |= EventSet::OUT;
-        }
-        s
-    };
     for change in vmm.vsock_interest_changes() {
-        let (op, fd, event) = match change {
-            Interest::Add {
-                fd,
-                token,
-                readable,
-                writable,
-            } => (
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(set(readable, writable), Token::Vsock(token).to_u64()),
-            ),
-            Interest::Modify {
-                fd,
-                token,
-                readable,
-                writable,
-            } => (
-                ControlOperation::Modify,
-                fd,
-                EpollEvent::new(set(readable, writable), Token::Vsock(token).to_u64()),
-            ),
-            Interest::Remove { fd } => (ControlOperation::Delete, fd, EpollEvent::default()),
-        };
+        let (op, fd, event) = change.epoll_ctl(VSOCK_BASE);
         if let Err(e) = epoll.ctl(op, fd, event) {
             // One connection's fd; the muxer notices its end on its own.
             log::debug!("vsock: epoll_ctl on fd {fd}: {e}");

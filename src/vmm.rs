@@ -335,10 +335,7 @@ impl Vmm {
             .virtio
             .vsock_needs_tick()
             .then(|| self.last_tick + VSOCK_TICK);
-        match (removal, tick) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        removal.into_iter().chain(tick).min()
     }
 
     /// Number of the current boot (1 for the first), so the loop knows when the per-boot fds
@@ -379,8 +376,8 @@ impl Vmm {
         self.host.virtio.vsock_interest_changes()
     }
 
-    /// Handles a deadline from [`Vmm::next_deadline`] that has passed: a memory slot the guest
-    /// has not ejected in time is withdrawn.
+    /// Handles a deadline from [`Vmm::next_deadline`] that has passed: the vsock muxer's
+    /// housekeeping tick, and a memory slot the guest has not ejected in time is withdrawn.
     pub fn on_deadline(&mut self) {
         let now = Instant::now();
         if now >= self.last_tick + VSOCK_TICK {

@@ -25,6 +25,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use vmm_sys_util::epoll::{ControlOperation, EpollEvent, EventSet};
+
 /// The host's CID.
 pub(crate) const HOST_CID: u64 = 2;
 /// The only socket type supported: stream.
@@ -194,6 +196,42 @@ pub(crate) enum Interest {
         /// The fd.
         fd: RawFd,
     },
+}
+
+impl Interest {
+    /// The `epoll_ctl` call this change asks for, with the muxer's token offset by `token_base`
+    /// (the caller's own token space).
+    pub(crate) fn epoll_ctl(self, token_base: u64) -> (ControlOperation, RawFd, EpollEvent) {
+        let watch = |readable: bool, writable: bool, token: u64| {
+            let mut set = EventSet::empty();
+            if readable {
+                set |= EventSet::IN;
+            }
+            if writable {
+                set |= EventSet::OUT;
+            }
+            EpollEvent::new(set, token_base + token)
+        };
+        match self {
+            Interest::Add {
+                fd,
+                token,
+                readable,
+                writable,
+            } => (ControlOperation::Add, fd, watch(readable, writable, token)),
+            Interest::Modify {
+                fd,
+                token,
+                readable,
+                writable,
+            } => (
+                ControlOperation::Modify,
+                fd,
+                watch(readable, writable, token),
+            ),
+            Interest::Remove { fd } => (ControlOperation::Delete, fd, EpollEvent::default()),
+        }
+    }
 }
 
 /// Where a connection is in its life.
@@ -987,7 +1025,7 @@ impl VsockMuxer {
 mod tests {
     use super::*;
     use std::io::Write;
-    use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+    use vmm_sys_util::epoll::{Epoll, EpollEvent, EventSet};
     use vmm_sys_util::tempdir::TempDir;
 
     const CID: u64 = 3;
@@ -998,17 +1036,6 @@ mod tests {
         path: PathBuf,
         m: VsockMuxer,
         epoll: Epoll,
-    }
-
-    fn events(readable: bool, writable: bool) -> EventSet {
-        let mut e = EventSet::empty();
-        if readable {
-            e |= EventSet::IN;
-        }
-        if writable {
-            e |= EventSet::OUT;
-        }
-        e
     }
 
     /// A header from the guest on (guest port, host port).
@@ -1063,31 +1090,7 @@ mod tests {
 
         fn apply(&mut self) {
             for change in self.m.take_interest_changes() {
-                let (op, fd, ev) = match change {
-                    Interest::Add {
-                        fd,
-                        token,
-                        readable,
-                        writable,
-                    } => (
-                        ControlOperation::Add,
-                        fd,
-                        EpollEvent::new(events(readable, writable), token),
-                    ),
-                    Interest::Modify {
-                        fd,
-                        token,
-                        readable,
-                        writable,
-                    } => (
-                        ControlOperation::Modify,
-                        fd,
-                        EpollEvent::new(events(readable, writable), token),
-                    ),
-                    Interest::Remove { fd } => {
-                        (ControlOperation::Delete, fd, EpollEvent::default())
-                    }
-                };
+                let (op, fd, ev) = change.epoll_ctl(0);
                 // Fails if an fd was closed before its Remove, or changed before its Add.
                 self.epoll.ctl(op, fd, ev).unwrap();
             }
