@@ -76,8 +76,6 @@ struct Slot {
     transport: Arc<Mutex<MmioTransport>>,
     /// One kick eventfd per queue.
     kicks: Vec<EventFd>,
-    /// The interrupt line's eventfd (an irqfd); kept so it lives as long as the device.
-    _irq: Arc<EventFd>,
 }
 
 /// The virtio devices of one boot.
@@ -116,11 +114,12 @@ impl VirtioDevices {
         for (i, device) in devices.into_iter().enumerate() {
             let base = layout::VIRTIO_MMIO_START + i as u64 * layout::VIRTIO_MMIO_SIZE;
             let gsi = irq::VIRTIO[i];
+            // The interrupt line's irqfd; the transport's trigger keeps it alive.
             let irq_evt =
-                Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| VirtioSetupError::EventFd(i, e))?);
+                EventFd::new(EFD_NONBLOCK).map_err(|e| VirtioSetupError::EventFd(i, e))?;
             vm.register_irqfd(&irq_evt, gsi)
                 .map_err(|e| VirtioSetupError::Vm(i, e))?;
-            let trigger: Arc<dyn Trigger> = irq_evt.clone();
+            let trigger: Arc<dyn Trigger> = Arc::new(irq_evt);
             let transport =
                 MmioTransport::new(device, trigger).map_err(|e| VirtioSetupError::Queue(i, e))?;
             let mut kicks = Vec::with_capacity(transport.queue_count());
@@ -134,11 +133,7 @@ impl VirtioDevices {
             let transport = Arc::new(Mutex::new(transport));
             mmio.insert(base, layout::VIRTIO_MMIO_SIZE, transport.clone())
                 .map_err(|e| VirtioSetupError::Bus(i, e))?;
-            slots.push(Slot {
-                transport,
-                kicks,
-                _irq: irq_evt,
-            });
+            slots.push(Slot { transport, kicks });
         }
         Ok(VirtioDevices { slots, vsock })
     }

@@ -64,6 +64,15 @@ impl Disk for std::fs::File {
     }
 }
 
+/// The first `min(len, BOUNCE_SIZE)` bytes of `buf`, grown to that size if needed.
+fn bounce(buf: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    let want = len.min(BOUNCE_SIZE);
+    if buf.len() < want {
+        buf.resize(want, 0);
+    }
+    &mut buf[..want]
+}
+
 /// A virtio block device.
 pub struct Block {
     disk: Arc<dyn Disk>,
@@ -158,14 +167,6 @@ impl Block {
         (end <= self.sectors).then(|| sector * SECTOR_SIZE)
     }
 
-    fn bounce(&mut self, len: usize) -> &mut [u8] {
-        let want = len.min(BOUNCE_SIZE);
-        if self.bounce.len() < want {
-            self.bounce.resize(want, 0);
-        }
-        &mut self.bounce[..want]
-    }
-
     fn copy_to_guest(
         &mut self,
         mut offset: u64,
@@ -174,9 +175,8 @@ impl Block {
     ) -> io::Result<()> {
         let mut left = len;
         while left > 0 {
-            let disk = self.disk.clone();
-            let chunk = self.bounce(left);
-            disk.read_exact_at(chunk, offset)?;
+            let chunk = bounce(&mut self.bounce, left);
+            self.disk.read_exact_at(chunk, offset)?;
             data.write_all(chunk)?;
             offset += chunk.len() as u64;
             left -= chunk.len();
@@ -192,10 +192,9 @@ impl Block {
     ) -> io::Result<()> {
         let mut left = len;
         while left > 0 {
-            let disk = self.disk.clone();
-            let chunk = self.bounce(left);
+            let chunk = bounce(&mut self.bounce, left);
             reader.read_exact(chunk)?;
-            disk.write_all_at(chunk, offset)?;
+            self.disk.write_all_at(chunk, offset)?;
             offset += chunk.len() as u64;
             left -= chunk.len();
         }
