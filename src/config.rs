@@ -551,6 +551,21 @@ fn check_virtio_count(config: &VmConfig) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// An `on|off` value of `key` in a `key=value` list; `default` when the key is absent.
+fn key_on_off(
+    flag: &'static str,
+    key: &str,
+    value: Option<&str>,
+    default: bool,
+) -> Result<bool, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some("on") => Ok(true),
+        Some("off") => Ok(false),
+        Some(v) => Err(invalid(flag, format!("{key}={v}: expected on or off"))),
+    }
+}
+
 fn parse_disk(flag: &'static str, value: &str) -> Result<DiskConfig, ConfigError> {
     let syntax = "path=FILE[,readonly=on|off]";
     let found = parse_key_values(flag, value, &["path", "readonly"], syntax)?;
@@ -558,11 +573,7 @@ fn parse_disk(flag: &'static str, value: &str) -> Result<DiskConfig, ConfigError
         found[0].ok_or_else(|| invalid(flag, format!("path= is required (expected {syntax})")))?;
     Ok(DiskConfig {
         path: PathBuf::from(path),
-        readonly: match found[1] {
-            None | Some("off") => false,
-            Some("on") => true,
-            Some(v) => return Err(invalid(flag, format!("readonly={v}: expected on or off"))),
-        },
+        readonly: key_on_off(flag, "readonly", found[1], false)?,
     })
 }
 
@@ -779,13 +790,7 @@ fn parse_memory(flag: &'static str, value: &str) -> Result<MemoryConfig, ConfigE
             ),
         ));
     }
-    let on_off = |key: &str, v: Option<&str>, default: bool| match v {
-        None => Ok(default),
-        Some("on") => Ok(true),
-        Some("off") => Ok(false),
-        Some(v) => Err(invalid(flag, format!("{key}={v}: expected on or off"))),
-    };
-    let removable = on_off("removable", found[3], false)?;
+    let removable = key_on_off(flag, "removable", found[3], false)?;
     if removable && hotplug_size == 0 {
         return Err(invalid(
             flag,
@@ -817,7 +822,7 @@ fn parse_memory(flag: &'static str, value: &str) -> Result<MemoryConfig, ConfigE
     Ok(MemoryConfig {
         size,
         hotplug_size,
-        huge_pages: on_off("thp", found[2], true)?,
+        huge_pages: key_on_off(flag, "thp", found[2], true)?,
         removable,
         remove_timeout,
     })
