@@ -5,20 +5,20 @@
 
 mod common;
 
-use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::OwnedFd;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::Command;
 use std::thread;
 use std::time::Duration;
 
-use common::stream::{echo_exchange, pattern, pattern_hash, sink};
+use common::stream::{echo_exchange, hybrid_connect, hybrid_sink, pattern, pattern_hash};
 use common::{run_in_test_host, Vm, VmOptions, EXIT_TIMEOUT};
 use vmm_sys_util::tempdir::TempDir;
 
 const MIB: u64 = 1 << 20;
+/// Host reads and writes on a vsock connection.
+const VSOCK_TIMEOUT: Duration = Duration::from_secs(120);
 /// Guest commands that move tens of MiB through the nested test host.
 const BULK_TIMEOUT: Duration = Duration::from_secs(240);
 
@@ -39,48 +39,12 @@ fn md5(path: &Path, bytes: Option<u64>) -> String {
         .to_string()
 }
 
-/// Host-initiated connection to guest port `port` through the hybrid vsock socket.
-fn connect(sock: &Path, port: u32) -> UnixStream {
-    let mut s = UnixStream::connect(sock).expect("connect to the vsock socket");
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    writeln!(s, "CONNECT {port}").unwrap();
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    while line.last() != Some(&b'\n') {
-        let n = s.read(&mut byte).expect("read the OK line");
-        assert_eq!(n, 1, "the socket closed before OK (line so far {line:?})");
-        line.push(byte[0]);
-    }
-    let line = String::from_utf8_lossy(&line).to_string();
-    let local: u32 = line
-        .strip_prefix("OK ")
-        .and_then(|p| p.trim().parse().ok())
-        .unwrap_or_else(|| panic!("want OK <port>, got {line:?}"));
-    assert!(local > 0);
-    s
-}
-
-fn as_file(s: UnixStream) -> File {
-    File::from(OwnedFd::from(s))
-}
-
 fn start_echo_listener(vm: &mut Vm, port: u32) {
     vm.sh(&format!(
         "vsock-tool listen {port} echo > /tmp/listen.log 2>&1 < /dev/null & true"
     ));
     let log = vm.sh("sleep 0.3; cat /tmp/listen.log");
     assert!(log.contains("VSOCK-LISTENING"), "guest listener: {log}");
-}
-
-/// A host listener on `PATH_port` that answers each connection with "<bytes> <hash>\n".
-fn host_sink(sock: &Path, port: u32) -> thread::JoinHandle<()> {
-    let path = format!("{}_{port}", sock.display());
-    let listener = UnixListener::bind(&path).expect("bind the host listener");
-    thread::spawn(move || {
-        if let Ok((s, _)) = listener.accept() {
-            sink(File::from(OwnedFd::from(s)));
-        }
-    })
 }
 
 #[test]
@@ -186,7 +150,7 @@ fn vsock_moves_64_mib_both_ways_with_32_connections_and_after_a_reboot() {
             // Host-initiated: 64 MiB to the guest and 64 MiB back, checksummed.
             let n = 64 * MIB;
             let t = std::time::Instant::now();
-            let (got, hash) = echo_exchange(as_file(connect(&sock, 5000)), n);
+            let (got, hash) = echo_exchange(hybrid_connect(&sock, 5000, VSOCK_TIMEOUT), n);
             println!("vsock echo of {} MiB: {:.2?}", n / MIB, t.elapsed());
             assert_eq!(
                 (got, hash),
@@ -195,7 +159,7 @@ fn vsock_moves_64_mib_both_ways_with_32_connections_and_after_a_reboot() {
             );
 
             // Guest-initiated: 64 MiB to a host listener on PATH_6000.
-            let sink = host_sink(&sock, 6000);
+            let sink = hybrid_sink(&sock, 6000);
             let (out, rc) =
                 vm.run_timeout(&format!("vsock-tool connect 2 6000 send {n}"), BULK_TIMEOUT);
             assert_eq!(rc, 0, "{out}");
@@ -218,7 +182,9 @@ fn vsock_moves_64_mib_both_ways_with_32_connections_and_after_a_reboot() {
             let workers: Vec<_> = (0..32)
                 .map(|_| {
                     let sock = sock.clone();
-                    thread::spawn(move || echo_exchange(as_file(connect(&sock, 5000)), each))
+                    thread::spawn(move || {
+                        echo_exchange(hybrid_connect(&sock, 5000, VSOCK_TIMEOUT), each)
+                    })
                 })
                 .collect();
             for w in workers {
@@ -232,10 +198,10 @@ fn vsock_moves_64_mib_both_ways_with_32_connections_and_after_a_reboot() {
             vm.wait_ready();
             start_echo_listener(&mut vm, 5000);
             assert_eq!(
-                echo_exchange(as_file(connect(&sock, 5000)), MIB),
+                echo_exchange(hybrid_connect(&sock, 5000, VSOCK_TIMEOUT), MIB),
                 (MIB, pattern_hash(MIB))
             );
-            let sink = host_sink(&sock, 6002);
+            let sink = hybrid_sink(&sock, 6002);
             assert_eq!(
                 vm.sh("vsock-tool connect 2 6002 send 1000"),
                 format!("1000 {:016x}", pattern_hash(1000))

@@ -26,16 +26,14 @@
 mod common;
 
 use std::fs::File;
-use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::io::AsRawFd;
-use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::stream::{echo_exchange, pattern_hash, sink};
+use common::stream::{echo_exchange, hybrid_connect, hybrid_sink, pattern_hash, sink};
 use common::*;
 use vmm_sys_util::tempdir::TempDir;
 
@@ -169,36 +167,6 @@ fn vsock_sink(port: u32) -> thread::JoinHandle<()> {
         if fd >= 0 {
             // SAFETY: fd is a fresh descriptor nobody else owns.
             sink(File::from(unsafe { OwnedFd::from_raw_fd(fd) }));
-        }
-    })
-}
-
-/// Host-initiated connection to guest port `port` through minivmm's hybrid vsock socket.
-fn hybrid_connect(sock: &Path, port: u32) -> File {
-    let mut s = UnixStream::connect(sock).expect("connect to the vsock socket");
-    s.set_read_timeout(Some(BULK_TIMEOUT)).unwrap();
-    s.set_write_timeout(Some(BULK_TIMEOUT)).unwrap();
-    writeln!(s, "CONNECT {port}").unwrap();
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    while line.last() != Some(&b'\n') {
-        let n = s.read(&mut byte).expect("read the OK line");
-        assert_eq!(n, 1, "the socket closed before OK (line so far {line:?})");
-        line.push(byte[0]);
-    }
-    let line = String::from_utf8_lossy(&line).to_string();
-    assert!(line.starts_with("OK "), "want OK <port>, got {line:?}");
-    File::from(OwnedFd::from(s))
-}
-
-/// A host listener on `PATH_port` (minivmm's hybrid vsock, guest-initiated); one connection is sunk.
-fn hybrid_sink(sock: &Path, port: u32) -> thread::JoinHandle<()> {
-    let path = format!("{}_{port}", sock.display());
-    let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path).expect("bind the host listener");
-    thread::spawn(move || {
-        if let Ok((s, _)) = listener.accept() {
-            sink(File::from(OwnedFd::from(s)));
         }
     })
 }
@@ -501,7 +469,7 @@ fn measure_vsock(vmm: Vmm, dir: &Path) -> VsockSample {
     for _ in 0..REPEATS {
         let t0 = Instant::now();
         let conn = match &g.vsock {
-            Some(sock) => hybrid_connect(sock, ECHO_PORT),
+            Some(sock) => hybrid_connect(sock, ECHO_PORT, BULK_TIMEOUT),
             None => vsock_connect(GUEST_CID, ECHO_PORT),
         };
         let got = echo_exchange(conn, n);

@@ -4,8 +4,12 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
 use std::os::unix::io::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
 use std::thread;
+use std::time::Duration;
 
 /// The pattern vsock-tool sends: byte i is (i * 31 + i / 4096) & 0xff.
 pub fn pattern(from: u64, buf: &mut [u8]) {
@@ -105,4 +109,40 @@ pub fn sink(mut s: File) {
         }
     }
     let _ = writeln!(s, "{n} {:016x}", h.0);
+}
+
+/// Host-initiated connection to guest port `port` through minivmm's hybrid vsock socket `sock`
+/// (`CONNECT <port>` answered by `OK <host port>`); reads and writes time out after `timeout`.
+pub fn hybrid_connect(sock: &Path, port: u32, timeout: Duration) -> File {
+    let mut s = UnixStream::connect(sock).expect("connect to the vsock socket");
+    s.set_read_timeout(Some(timeout)).unwrap();
+    s.set_write_timeout(Some(timeout)).unwrap();
+    writeln!(s, "CONNECT {port}").unwrap();
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.last() != Some(&b'\n') {
+        let n = s.read(&mut byte).expect("read the OK line");
+        assert_eq!(n, 1, "the socket closed before OK (line so far {line:?})");
+        line.push(byte[0]);
+    }
+    let line = String::from_utf8_lossy(&line).to_string();
+    let local: u32 = line
+        .strip_prefix("OK ")
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("want OK <port>, got {line:?}"));
+    assert!(local > 0);
+    File::from(OwnedFd::from(s))
+}
+
+/// A host listener on `<sock>_<port>` (where minivmm sends guest connections to host port
+/// `port`) that [`sink`]s one connection.
+pub fn hybrid_sink(sock: &Path, port: u32) -> thread::JoinHandle<()> {
+    let path = format!("{}_{port}", sock.display());
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path).expect("bind the host listener");
+    thread::spawn(move || {
+        if let Ok((s, _)) = listener.accept() {
+            sink(File::from(OwnedFd::from(s)));
+        }
+    })
 }
