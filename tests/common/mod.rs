@@ -4,7 +4,10 @@
 //!   the machine has hardware KVM, or inside an emulated test host (QEMU TCG with an SVM CPU, whose Debian
 //!   kernel loads `kvm_amd`) when `/dev/kvm` is PVM or missing. The emulated host ("L1") runs this very test
 //!   executable on the host root shared read-only over 9p, with `MINIVMM_TEST_HOST=direct`.
-//!   `MINIVMM_TEST_HOST=direct|emulated` forces the choice.
+//!   `MINIVMM_TEST_HOST=direct|emulated` forces the choice. The emulated host loads `kvm_amd` with
+//!   [`l1_kvm_amd_params`] (`MINIVMM_TEST_L1_KVM_AMD`, default `npt=0`).
+//! * **Diagnosis.** `MINIVMM_TEST_KVM_TRACE=1` traces KVM in the kernel that runs minivmm and prints
+//!   the trace up to a guest triple fault when a test fails (see [`kvm_trace`]).
 //! * **Guest driver.** [`Vm`] spawns minivmm with the serial console on pipes, waits for the guest's
 //!   `GUEST-READY` marker, runs shell commands through an echo-proof marker protocol and talks to the
 //!   control socket.
@@ -16,6 +19,7 @@
 
 #![allow(dead_code)] // Each test crate uses a different subset.
 
+pub mod kvm_trace;
 pub mod stream;
 
 use std::collections::HashMap;
@@ -329,7 +333,15 @@ pub fn run_in_test_host_for(name: &str, l1_timeout: Duration, body: impl FnOnce(
     match test_host() {
         TestHost::Direct => {
             set_current_test(name);
-            body();
+            if !kvm_trace::wanted() {
+                body();
+                return;
+            }
+            kvm_trace::start();
+            if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+                kvm_trace::dump();
+                std::panic::resume_unwind(panic);
+            }
         }
         TestHost::Emulated => run_emulated(name, l1_timeout),
     }
@@ -557,6 +569,23 @@ pub fn parse_l1_step(console: &str, step: &str) -> Option<f64> {
 
 /// Runs test `name` of this executable inside a fresh emulated test host and fails unless it passed there
 /// (at most two runs, see [`run_in_test_host`]).
+/// The kvm_amd module parameters of the emulated test host: `$MINIVMM_TEST_L1_KVM_AMD` (comma-separated
+/// `key=value`), by default `npt=0`.
+///
+/// With nested paging (`npt=1`) QEMU TCG walks the L2 guest's page tables through L1 KVM's nested
+/// page tables itself, and now and then an L2 vCPU found its kernel unmapped. Traced in L1
+/// ([`kvm_trace`]): the guest's boot vCPU exited with `reason shutdown` (a triple fault) on the
+/// first instruction after an I/O exit, while a #PF for an instruction fetch of a not-present page
+/// was being delivered, though the instruction before, on the same kernel-text page, had just run.
+/// That ended each of 5 resize soaks and 2 CPU-only hotplug loops within 10-60 cycles. With
+/// shadow paging (`npt=0`:
+/// L1 KVM walks the guest's tables, TCG only its shadow tables) a 150-cycle loop passed and two
+/// 1000-cycle soaks ran 540 and 530 cycles with no triple fault (they ended in a frozen L1 and a
+/// CPU online that never returned), at the same speed per cycle (1.9 s, 2.4 s).
+pub fn l1_kvm_amd_params() -> String {
+    std::env::var("MINIVMM_TEST_L1_KVM_AMD").unwrap_or_else(|_| "npt=0".to_string())
+}
+
 fn run_emulated(name: &str, l1_timeout: Duration) {
     let imgs = images();
     let _lock = l1_lock();
@@ -586,7 +615,7 @@ fn run_emulated(name: &str, l1_timeout: Duration) {
         "export {HOST_ENV}=direct {INNER_ENV}=1 RUST_BACKTRACE={}",
         std::env::var("RUST_BACKTRACE").unwrap_or_else(|_| "0".into())
     );
-    for var in [BIN_ENV, "RUST_LOG"] {
+    for var in [BIN_ENV, "RUST_LOG", "MINIVMM_TEST_KVM_TRACE"] {
         if let Ok(v) = std::env::var(var) {
             let _ = writeln!(script, "export {var}={}", shell_quote(&v));
         }
@@ -607,9 +636,10 @@ fn run_emulated(name: &str, l1_timeout: Duration) {
         .unwrap_or_else(|e| panic!("write {}: {e}", script_path.display()));
 
     let append = format!(
-        "console=ttyS0 panic=-1 rdinit=/init quiet minivmm.run={} minivmm.cwd={}",
+        "console=ttyS0 panic=-1 rdinit=/init quiet minivmm.run={} minivmm.cwd={} minivmm.kvm_amd={}",
         script_path.display(),
-        repo_dir().display()
+        repo_dir().display(),
+        l1_kvm_amd_params()
     );
     for attempt in 1..=2 {
         let start = Instant::now();

@@ -269,6 +269,7 @@ build_l1_initramfs() {
 	# /init of the emulated test host. Kernel cmdline words it reads:
 	#   minivmm.run=PATH   script to run (with sh) inside the chroot of the host root
 	#   minivmm.cwd=PATH   working directory for it (default /)
+	#   minivmm.kvm_amd=K=V[,K=V..]  kvm_amd module parameters (e.g. npt=0)
 	# It prints "MVM-L1-STEP <uptime> <step>" markers and finally "MVM-L1-RESULT rc=<n>", then powers off.
 	cat >"$dir/init" <<'EOF'
 #!/bin/sh
@@ -286,18 +287,22 @@ mount -t devtmpfs devtmpfs /dev
 # which it tolerates by design; hardware hosts keep huge pages.
 echo never >/sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null || true
 step init
-run=; cwd=/
+run=; cwd=/; kvm_amd=
 for word in $(cat /proc/cmdline); do
 	case "$word" in
 	minivmm.run=*) run="${word#minivmm.run=}" ;;
 	minivmm.cwd=*) cwd="${word#minivmm.cwd=}" ;;
+	minivmm.kvm_amd=*) kvm_amd="$(echo "${word#minivmm.kvm_amd=}" | tr , ' ')" ;;
 	esac
 done
 [ -n "$run" ] || fail "no minivmm.run=PATH on the kernel command line"
 
 for m in $(cat /modules/order); do
-	insmod "/modules/$m.ko" || fail "insmod $m.ko failed"
-	case "$m" in kvm-amd) step "kvm_amd loaded" ;; esac
+	opts=
+	[ "$m" = kvm-amd ] && opts="$kvm_amd"
+	# shellcheck disable=SC2086 # one word per module parameter
+	insmod "/modules/$m.ko" $opts || fail "insmod $m.ko $opts failed"
+	case "$m" in kvm-amd) step "kvm_amd loaded ($(cat /sys/module/kvm_amd/parameters/npt 2>/dev/null | sed 's/^/npt=/'))" ;; esac
 done
 [ -e /dev/kvm ] || fail "/dev/kvm did not appear after loading kvm_amd"
 step "modules loaded"
