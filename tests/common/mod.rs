@@ -5,7 +5,7 @@
 //!   kernel loads `kvm_amd`) when `/dev/kvm` is PVM or missing. The emulated host ("L1") runs this very test
 //!   executable on the host root shared read-only over 9p, with `MINIVMM_TEST_HOST=direct`.
 //!   `MINIVMM_TEST_HOST=direct|emulated` forces the choice. The emulated host loads `kvm_amd` with
-//!   [`l1_kvm_amd_params`] (`MINIVMM_TEST_L1_KVM_AMD`, default `npt=0`).
+//!   [`l1_kvm_amd_params`] (`MINIVMM_TEST_L1_KVM_AMD`, default `npt=1`).
 //! * **Diagnosis.** `MINIVMM_TEST_KVM_TRACE=1` traces KVM in the kernel that runs minivmm and prints
 //!   the trace up to a guest triple fault when a test fails (see [`kvm_trace`]).
 //! * **Guest driver.** [`Vm`] spawns minivmm with the serial console on pipes, waits for the guest's
@@ -570,7 +570,7 @@ pub fn parse_l1_step(console: &str, step: &str) -> Option<f64> {
 /// Runs test `name` of this executable inside a fresh emulated test host and fails unless it passed there
 /// (at most two runs, see [`run_in_test_host`]).
 /// The kvm_amd module parameters of the emulated test host: `$MINIVMM_TEST_L1_KVM_AMD` (comma-separated
-/// `key=value`), by default `npt=0`.
+/// `key=value`), by default `npt=1`; long soaks want `npt=0`.
 ///
 /// With nested paging (`npt=1`) QEMU TCG walks the L2 guest's page tables through L1 KVM's nested
 /// page tables itself, and now and then an L2 vCPU found its kernel unmapped. Traced in L1
@@ -581,9 +581,11 @@ pub fn parse_l1_step(console: &str, step: &str) -> Option<f64> {
 /// shadow paging (`npt=0`:
 /// L1 KVM walks the guest's tables, TCG only its shadow tables) a 150-cycle loop passed and two
 /// 1000-cycle soaks ran 540 and 530 cycles with no triple fault (they ended in a frozen L1 and a
-/// CPU online that never returned), at the same speed per cycle (1.9 s, 2.4 s).
+/// CPU online that never returned), at the same speed per cycle (1.9 s, 2.4 s). The default stays
+/// `npt=1` for now: the first CI run with `npt=0` froze L1 at its first L2 reboot and booted the
+/// 2-vCPU guest in 15 s instead of about 7, so `npt=0` needs its own CI measurements first.
 pub fn l1_kvm_amd_params() -> String {
-    std::env::var("MINIVMM_TEST_L1_KVM_AMD").unwrap_or_else(|_| "npt=0".to_string())
+    std::env::var("MINIVMM_TEST_L1_KVM_AMD").unwrap_or_else(|_| "npt=1".to_string())
 }
 
 fn run_emulated(name: &str, l1_timeout: Duration) {
