@@ -567,8 +567,6 @@ pub fn parse_l1_step(console: &str, step: &str) -> Option<f64> {
     })
 }
 
-/// Runs test `name` of this executable inside a fresh emulated test host and fails unless it passed there
-/// (at most two runs, see [`run_in_test_host`]).
 /// The kvm_amd module parameters of the emulated test host: `$MINIVMM_TEST_L1_KVM_AMD` (comma-separated
 /// `key=value`), by default `npt=1`; long soaks want `npt=0`.
 ///
@@ -578,8 +576,8 @@ pub fn parse_l1_step(console: &str, step: &str) -> Option<f64> {
 /// first instruction after an I/O exit, while a #PF for an instruction fetch of a not-present page
 /// was being delivered, though the instruction before, on the same kernel-text page, had just run.
 /// That ended each of 5 resize soaks and 2 CPU-only hotplug loops within 10-60 cycles. With
-/// shadow paging (`npt=0`:
-/// L1 KVM walks the guest's tables, TCG only its shadow tables) a 150-cycle loop passed and two
+/// shadow paging (`npt=0`: L1 KVM walks the guest's tables, TCG only its shadow tables) a
+/// 150-cycle loop passed and two
 /// 1000-cycle soaks ran 540 and 530 cycles with no triple fault (they ended in a frozen L1 and a
 /// CPU online that never returned), at the same speed per cycle (1.9 s, 2.4 s). The default stays
 /// `npt=1` for now: the first CI run with `npt=0` froze L1 at its first L2 reboot and booted the
@@ -588,6 +586,8 @@ pub fn l1_kvm_amd_params() -> String {
     std::env::var("MINIVMM_TEST_L1_KVM_AMD").unwrap_or_else(|_| "npt=1".to_string())
 }
 
+/// Runs test `name` of this executable inside a fresh emulated test host and fails unless it passed there
+/// (at most two runs, see [`run_in_test_host`]).
 fn run_emulated(name: &str, l1_timeout: Duration) {
     let imgs = images();
     let _lock = l1_lock();
