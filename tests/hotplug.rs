@@ -702,9 +702,9 @@ fn env_count(name: &str, default: u32) -> u32 {
 /// The test command runs `MINIVMM_SOAK_CYCLES` (default 4) with a reboot every
 /// `MINIVMM_SOAK_REBOOT_EVERY` (default 2): the window fills, a shrink waits for a reboot. The
 /// full soak is `MINIVMM_SOAK_CYCLES=1000 MINIVMM_SOAK_REBOOT_EVERY=100`, for hardware KVM: in
-/// the emulated test host (with `MINIVMM_TEST_L1_KVM_AMD=npt=0`) it ran 540 and 530 cycles before the host's own faults (a frozen L1, a
-/// guest CPU online that never returned) ended it (README, "Reliability"). Live memory removal
-/// has its own test.
+/// the emulated test host (with `MINIVMM_TEST_L1_KVM_AMD=npt=0`) it ran 540 and 530 cycles
+/// before the host's own faults (a frozen L1, a guest CPU online that never returned) ended it
+/// (README, "Reliability"). Live memory removal has its own test.
 #[test]
 fn resize_soak_leaks_nothing() {
     let cycles = env_count("MINIVMM_SOAK_CYCLES", 4);

@@ -62,7 +62,7 @@ pub fn dump() {
     let shutdown = lines
         .iter()
         .position(|l| l.contains("kvm_exit:") && l.contains("reason shutdown"));
-    let end = shutdown.map_or(lines.len(), |i| (i + 1).min(lines.len()));
+    let end = shutdown.map_or(lines.len(), |i| i + 1);
     let start = end.saturating_sub(TAIL);
     let symbols = Symbols::load();
     println!(
