@@ -40,8 +40,11 @@ pub const L1_TIMEOUT: Duration = Duration::from_secs(300);
 /// An emulated test host whose console stays silent this long has frozen: every inner step
 /// prints or fails within [`L2_BOOT_TIMEOUT`]. Seen now and then at an L2 reboot (nested SVM
 /// under TCG): the L1 kernel stops, sometimes after a soft-lockup report. Such a run is killed;
-/// like any failed run in the emulated host, it is run once more (see [`run_in_test_host`]).
+/// like any failed run in the emulated host, it is run again (see [`run_in_test_host`]).
 pub const L1_SILENCE_LIMIT: Duration = Duration::from_secs(120);
+
+/// Runs of one test in the emulated host before its failure counts (see [`run_in_test_host`]).
+pub const L1_ATTEMPTS: u32 = 3;
 /// Hard limit on one guest (L2) boot, from minivmm start (or reboot) to `GUEST-READY`.
 pub const L2_BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Hard limit on one guest shell command.
@@ -313,10 +316,12 @@ pub fn which(name: &str) -> Option<PathBuf> {
 /// Runs `body` where real Linux guests can boot. `name` must be the test function's name (it is how the
 /// emulated host finds the test again).
 ///
-/// In the emulated test host a failed run is run once more in a fresh host, with a printed WARNING,
-/// and a pass on that second run prints FLAKY: QEMU's TCG emulation of nested SVM has rare faults of
-/// its own (a frozen L1, or an L2 guest that triple-faults at random, about once per CI run). A
-/// deterministic regression still fails both runs. On hardware KVM (`Direct`) nothing is retried.
+/// In the emulated test host a failed run is run again in a fresh host, up to [`L1_ATTEMPTS`] runs
+/// in all, each failure printed as a WARNING, and a pass on a later run prints FLAKY: QEMU's TCG
+/// emulation of nested SVM has rare faults of its own (a frozen L1, or an L2 guest that
+/// triple-faults at random: a few first runs fail in every CI run, and with two runs one test in
+/// about five CI runs failed both). A deterministic regression still fails every run. On hardware
+/// KVM (`Direct`) nothing is retried.
 pub fn run_in_test_host(name: &str, body: impl FnOnce()) {
     run_in_test_host_for(name, L1_TIMEOUT, body);
 }
@@ -643,7 +648,8 @@ fn run_emulated(name: &str, l1_timeout: Duration) {
         repo_dir().display(),
         l1_kvm_amd_params()
     );
-    for attempt in 1..=2 {
+    let attempt_log = |n: u32| log_path.with_extension(format!("attempt{n}.log"));
+    for attempt in 1..=L1_ATTEMPTS {
         let start = Instant::now();
         let mut child = Command::new("qemu-system-x86_64")
             .args([
@@ -763,27 +769,32 @@ fn run_emulated(name: &str, l1_timeout: Duration) {
         };
         let Some(problem) = problem else {
             if attempt > 1 {
+                let earlier: Vec<String> = (1..attempt)
+                    .map(|n| attempt_log(n).display().to_string())
+                    .collect();
                 say(&format!(
-                    "[emulated] {name}: FLAKY: failed in the emulated test host, passed when run again \
-                     (first run's log: {})",
-                    log_path.with_extension("attempt1.log").display()
+                    "[emulated] {name}: FLAKY: failed in the emulated test host, passed on run \
+                     {attempt} of {L1_ATTEMPTS} (earlier runs' logs: {})",
+                    earlier.join(", ")
                 ));
             }
             return;
         };
-        if attempt == 1 {
+        if attempt < L1_ATTEMPTS {
             say(&format!(
-                "[emulated] {name}: WARNING: {problem}; running the test once more in a fresh test \
-                 host (nested SVM under TCG has rare faults of its own; a second failure fails the \
-                 test)\n--- inner test failure ---\n{}\n--- L1 console (tail) ---\n{}",
+                "[emulated] {name}: WARNING: {problem}; running the test again in a fresh test \
+                 host, run {} of at most {L1_ATTEMPTS} (nested SVM under TCG has rare faults of its \
+                 own; failing every run fails the test)\n--- inner test failure ---\n{}\n\
+                 --- L1 console (tail) ---\n{}",
+                attempt + 1,
                 inner_panics(&text),
                 tail(&text, 15)
             ));
-            let _ = fs::rename(&log_path, log_path.with_extension("attempt1.log"));
+            let _ = fs::rename(&log_path, attempt_log(attempt));
             continue;
         }
         panic!(
-            "{problem} (second run)\n--- inner test failure ---\n{}\n--- qemu: {}; stderr (tail) ---\n{}\n\
+            "{problem} (run {attempt} of {L1_ATTEMPTS}, every one failed)\n--- inner test failure ---\n{}\n--- qemu: {}; stderr (tail) ---\n{}\n\
              --- L1 console (tail; full log {}) ---\n{}\n",
             inner_panics(&text),
             status.map_or("killed".to_string(), |s| s.to_string()),
