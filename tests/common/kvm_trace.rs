@@ -73,45 +73,111 @@ pub fn dump() {
     for line in &lines[start..end] {
         println!("{line}{}", symbols.annotate(line));
     }
+    // A hang has no fatal line: what each vCPU thread did last tells a vCPU that stopped running
+    // (or never ran) from one spinning in the guest.
+    println!("--- kvm trace: the last {PER_THREAD} lines of each thread ---");
+    for (task, count, last) in per_thread(&lines[..end]) {
+        println!("{task}: {count} lines");
+        for line in last {
+            println!("    {line}{}", symbols.annotate(line));
+        }
+    }
     println!("--- kvm trace end ---");
 }
 
-/// L1's kernel text symbols, rebased to the guest's non-KASLR addresses.
+/// Trace lines shown per thread in the summary.
+const PER_THREAD: usize = 5;
+
+/// Groups trace lines by their task column (`vcpu3-206`): each task's line count and last
+/// [`PER_THREAD`] lines, in order of first appearance.
+fn per_thread<'a>(lines: &[&'a str]) -> Vec<(&'a str, usize, Vec<&'a str>)> {
+    let mut out: Vec<(&'a str, usize, Vec<&'a str>)> = Vec::new();
+    for &line in lines {
+        let Some(task) = line.split_whitespace().next() else {
+            continue;
+        };
+        let i = match out.iter().position(|t| t.0 == task) {
+            Some(i) => i,
+            None => {
+                out.push((task, 0, Vec::new()));
+                out.len() - 1
+            }
+        };
+        let entry = &mut out[i];
+        entry.1 += 1;
+        entry.2.push(line);
+        if entry.2.len() > PER_THREAD {
+            entry.2.remove(0);
+        }
+    }
+    out
+}
+
+/// L1's kernel text symbols, rebased to the guest's non-KASLR addresses, and L1's module text
+/// symbols at their own addresses.
 struct Symbols {
-    /// (address relative to `_text`, name), sorted.
+    /// (address relative to `_text`, name) of the kernel image, sorted.
     text: Vec<(u64, String)>,
+    /// Size of the kernel image's text (`_etext - _text`).
+    text_size: u64,
+    /// (address, `name [module]`) of L1's loaded modules, sorted. A guest RIP there is not the
+    /// guest's own code but L1's (seen: an L2 vCPU "running" at `__svm_vcpu_run+0x9c` of L1's
+    /// kvm_amd, the instruction after L1's VMRUN).
+    modules: Vec<(u64, String)>,
 }
 
 /// Where a non-relocated x86-64 kernel's `_text` starts.
 const KERNEL_TEXT: u64 = 0xffff_ffff_8100_0000;
 
+/// How far past a module symbol an address still counts as inside it.
+const MODULE_SYMBOL_REACH: u64 = 0x10000;
+
 impl Symbols {
     fn load() -> Symbols {
+        let none = Symbols {
+            text: Vec::new(),
+            text_size: 0,
+            modules: Vec::new(),
+        };
         if !super::is_inner_run() {
             // On a direct host the host kernel is not the guest's.
-            return Symbols { text: Vec::new() };
+            return none;
         }
         let all = fs::read_to_string("/proc/kallsyms").unwrap_or_default();
-        let parsed: Vec<(u64, &str)> = all
+        // (address, name, module or "")
+        let parsed: Vec<(u64, &str, &str)> = all
             .lines()
             .filter_map(|l| {
                 let mut it = l.split_whitespace();
                 let addr = u64::from_str_radix(it.next()?, 16).ok()?;
                 let kind = it.next()?;
                 let name = it.next()?;
-                (kind == "t" || kind == "T").then_some((addr, name))
+                let module = it.next().unwrap_or("");
+                (kind == "t" || kind == "T").then_some((addr, name, module))
             })
             .collect();
-        let Some(base) = parsed.iter().find(|s| s.1 == "_text").map(|s| s.0) else {
-            return Symbols { text: Vec::new() };
+        let find = |name: &str| parsed.iter().find(|s| s.1 == name && s.2.is_empty());
+        let Some(base) = find("_text").map(|s| s.0) else {
+            return none;
         };
+        let text_size = find("_etext").map_or(u64::MAX, |s| s.0.saturating_sub(base));
         let mut text: Vec<(u64, String)> = parsed
-            .into_iter()
-            .filter(|s| s.0 >= base)
-            .map(|(a, n)| (a - base, n.to_string()))
+            .iter()
+            .filter(|s| s.2.is_empty() && s.0 >= base)
+            .map(|&(a, n, _)| (a - base, n.to_string()))
             .collect();
         text.sort();
-        Symbols { text }
+        let mut modules: Vec<(u64, String)> = parsed
+            .iter()
+            .filter(|s| !s.2.is_empty())
+            .map(|&(a, n, m)| (a, format!("{n} {m}")))
+            .collect();
+        modules.sort();
+        Symbols {
+            text,
+            text_size,
+            modules,
+        }
     }
 
     /// `  <symbol+0xoff>` for the line's `rip 0x...`, or nothing.
@@ -123,12 +189,19 @@ impl Symbols {
         else {
             return String::new();
         };
-        let Some(off) = rip.checked_sub(KERNEL_TEXT) else {
-            return String::new();
-        };
-        match self.text.partition_point(|s| s.0 <= off) {
+        if let Some(off) = rip.checked_sub(KERNEL_TEXT).filter(|&o| o < self.text_size) {
+            return match self.text.partition_point(|s| s.0 <= off) {
+                0 => String::new(),
+                i => format!("  <{}+{:#x}>", self.text[i - 1].1, off - self.text[i - 1].0),
+            };
+        }
+        match self.modules.partition_point(|s| s.0 <= rip) {
             0 => String::new(),
-            i => format!("  <{}+{:#x}>", self.text[i - 1].1, off - self.text[i - 1].0),
+            i if rip - self.modules[i - 1].0 < MODULE_SYMBOL_REACH => {
+                let (addr, name) = &self.modules[i - 1];
+                format!("  <L1 module text: {name} +{:#x}>", rip - addr)
+            }
+            _ => String::new(),
         }
     }
 }
