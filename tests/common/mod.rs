@@ -42,7 +42,6 @@ pub const L1_TIMEOUT: Duration = Duration::from_secs(300);
 /// under TCG): the L1 kernel stops, sometimes after a soft-lockup report. Such a run is killed;
 /// like any failed run in the emulated host, it is run again (see [`run_in_test_host`]).
 pub const L1_SILENCE_LIMIT: Duration = Duration::from_secs(120);
-
 /// Runs of one test in the emulated host before its failure counts (see [`run_in_test_host`]).
 pub const L1_ATTEMPTS: u32 = 3;
 /// Hard limit on one guest (L2) boot, from minivmm start (or reboot) to `GUEST-READY`.
