@@ -539,11 +539,10 @@ fn hotplug_memory_removed_live() {
         vm.sh("mount -o remount,size=1800M /tmp");
         vm.sh("dd if=/dev/urandom of=/tmp/keep bs=1M count=48 2>/dev/null");
         let sum = vm.sh("md5sum /tmp/keep");
-        let (out, rc) = vm.run_timeout(
+        vm.sh_timeout(
             "dd if=/dev/zero of=/tmp/scratch bs=1M count=384 2>/dev/null && rm /tmp/scratch",
             FILL_TIMEOUT,
         );
-        assert_eq!(rc, 0, "scratch fill failed: {out}");
         let rss_before = vmm_rss_kib(vm.pid());
 
         let reply = vm.control("resize mem=512M");

@@ -285,14 +285,13 @@ fn boot(vmm: Vmm, dir: &Path, disk: Option<&Path>, vsock: bool) -> Guest {
 /// Runs `cmd` in the guest between two reads of /proc/uptime; returns the guest-measured seconds.
 /// Fails (with the command's stderr) unless `cmd` succeeds.
 fn guest_timed(vm: &mut Vm, cmd: &str) -> (f64, String) {
-    let (out, rc) = vm.run_timeout(
+    let out = vm.sh_timeout(
         &format!(
             "read a _ </proc/uptime; {cmd} >/tmp/bench.out 2>/tmp/bench.err; rc=$?; \
              read b _ </proc/uptime; cat /tmp/bench.out /tmp/bench.err; echo \"BENCH-T $a $b $rc\""
         ),
         BULK_TIMEOUT,
     );
-    assert_eq!(rc, 0, "{cmd}: {out}");
     let line = out
         .lines()
         .rev()

@@ -1301,7 +1301,13 @@ impl Vm {
     /// Runs a command that must succeed; returns its trimmed output.
     #[track_caller]
     pub fn sh(&mut self, cmd: &str) -> String {
-        let (out, rc) = self.run(cmd);
+        self.sh_timeout(cmd, CMD_TIMEOUT)
+    }
+
+    /// [`Vm::sh`] for a command that may take longer than [`CMD_TIMEOUT`].
+    #[track_caller]
+    pub fn sh_timeout(&mut self, cmd: &str, timeout: Duration) -> String {
+        let (out, rc) = self.run_timeout(cmd, timeout);
         assert_eq!(
             rc, 0,
             "[{}] guest command {cmd:?} failed (rc={rc}); output:\n{out}",
