@@ -5,7 +5,9 @@
 //!   kernel loads `kvm_amd`) when `/dev/kvm` is PVM or missing. The emulated host ("L1") runs this very test
 //!   executable on the host root shared read-only over 9p, with `MINIVMM_TEST_HOST=direct`.
 //!   `MINIVMM_TEST_HOST=direct|emulated` forces the choice. The emulated host loads `kvm_amd` with
-//!   [`l1_kvm_amd_params`] (`MINIVMM_TEST_L1_KVM_AMD`, default `npt=1`).
+//!   [`l1_kvm_amd_params`] (`MINIVMM_TEST_L1_KVM_AMD`, default `npt=1`); its vCPU count is
+//!   `MINIVMM_TEST_L1_SMP` (default 2) and QEMU's TCG options `MINIVMM_TEST_L1_TCG` (default
+//!   `thread=multi,tb-size=512`), for experiments with the emulated host's own faults.
 //! * **Diagnosis.** `MINIVMM_TEST_KVM_TRACE=1` traces KVM in the kernel that runs minivmm and prints
 //!   the trace up to a guest triple fault when a test fails (see [`kvm_trace`]).
 //! * **Guest driver.** [`Vm`] spawns minivmm with the serial console on pipes, waits for the guest's
@@ -590,8 +592,19 @@ pub fn l1_kvm_amd_params() -> String {
     std::env::var("MINIVMM_TEST_L1_KVM_AMD").unwrap_or_else(|_| "npt=1".to_string())
 }
 
+/// The emulated test host's vCPU count: `$MINIVMM_TEST_L1_SMP`, by default 2.
+fn l1_smp() -> String {
+    std::env::var("MINIVMM_TEST_L1_SMP").unwrap_or_else(|_| "2".to_string())
+}
+
+/// QEMU's TCG options for the emulated test host: `$MINIVMM_TEST_L1_TCG`, by default
+/// `thread=multi,tb-size=512` (one host thread per vCPU, a 512 MiB translation cache).
+fn l1_tcg() -> String {
+    std::env::var("MINIVMM_TEST_L1_TCG").unwrap_or_else(|_| "thread=multi,tb-size=512".to_string())
+}
+
 /// Runs test `name` of this executable inside a fresh emulated test host and fails unless it passed there
-/// (at most two runs, see [`run_in_test_host`]).
+/// (at most [`L1_ATTEMPTS`] runs, see [`run_in_test_host`]).
 fn run_emulated(name: &str, l1_timeout: Duration) {
     let imgs = images();
     let _lock = l1_lock();
@@ -651,17 +664,10 @@ fn run_emulated(name: &str, l1_timeout: Duration) {
     for attempt in 1..=L1_ATTEMPTS {
         let start = Instant::now();
         let mut child = Command::new("qemu-system-x86_64")
+            .args(["-accel", &format!("tcg,{}", l1_tcg())])
+            .args(["-machine", "q35", "-cpu", "EPYC"])
+            .args(["-smp", &l1_smp()])
             .args([
-                "-accel",
-                "tcg,thread=multi,tb-size=512",
-                "-machine",
-                "q35",
-                "-cpu",
-                "EPYC",
-            ])
-            .args([
-                "-smp",
-                "2",
                 "-m",
                 "4G",
                 "-nographic",
