@@ -603,6 +603,12 @@ fn l1_tcg() -> String {
     std::env::var("MINIVMM_TEST_L1_TCG").unwrap_or_else(|_| "thread=multi,tb-size=512".to_string())
 }
 
+/// The QEMU that runs the emulated test host: `$MINIVMM_TEST_L1_QEMU`, by default `qemu-system-x86_64`
+/// from PATH (e.g. a newer QEMU installed beside Debian's, to tell its TCG's faults from minivmm's).
+fn l1_qemu() -> String {
+    std::env::var("MINIVMM_TEST_L1_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".to_string())
+}
+
 /// Runs test `name` of this executable inside a fresh emulated test host and fails unless it passed there
 /// (at most [`L1_ATTEMPTS`] runs, see [`run_in_test_host`]).
 fn run_emulated(name: &str, l1_timeout: Duration) {
@@ -663,7 +669,8 @@ fn run_emulated(name: &str, l1_timeout: Duration) {
     let attempt_log = |n: u32| log_path.with_extension(format!("attempt{n}.log"));
     for attempt in 1..=L1_ATTEMPTS {
         let start = Instant::now();
-        let mut child = Command::new("qemu-system-x86_64")
+        let qemu = l1_qemu();
+        let mut child = Command::new(&qemu)
             .args(["-accel", &format!("tcg,{}", l1_tcg())])
             .args(["-machine", "q35", "-cpu", "EPYC"])
             .args(["-smp", &l1_smp()])
@@ -690,7 +697,7 @@ fn run_emulated(name: &str, l1_timeout: Duration) {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start qemu-system-x86_64: {e}"));
+            .unwrap_or_else(|e| panic!("cannot start {qemu}: {e}"));
         let log = File::create(&log_path)
             .unwrap_or_else(|e| panic!("create {}: {e}", log_path.display()));
         let console = Arc::new(Collected::default());
