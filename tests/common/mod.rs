@@ -6,8 +6,9 @@
 //!   executable on the host root shared read-only over 9p, with `MINIVMM_TEST_HOST=direct`.
 //!   `MINIVMM_TEST_HOST=direct|emulated` forces the choice. The emulated host loads `kvm_amd` with
 //!   [`l1_kvm_amd_params`] (`MINIVMM_TEST_L1_KVM_AMD`, default `npt=1`); its vCPU count is
-//!   `MINIVMM_TEST_L1_SMP` (default 2) and QEMU's TCG options `MINIVMM_TEST_L1_TCG` (default
-//!   `thread=multi,tb-size=512`), for experiments with the emulated host's own faults.
+//!   `MINIVMM_TEST_L1_SMP` (default 2), QEMU's TCG options `MINIVMM_TEST_L1_TCG` (default
+//!   `thread=multi,tb-size=512`) and the QEMU binary `MINIVMM_TEST_L1_QEMU` (default
+//!   `qemu-system-x86_64`), for experiments with the emulated host's own faults.
 //! * **Diagnosis.** `MINIVMM_TEST_KVM_TRACE=1` traces KVM in the kernel that runs minivmm and prints
 //!   the trace up to a guest triple fault when a test fails (see [`kvm_trace`]).
 //! * **Guest driver.** [`Vm`] spawns minivmm with the serial console on pipes, waits for the guest's
