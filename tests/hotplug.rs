@@ -696,13 +696,6 @@ fn footprint(pid: u32) -> Footprint {
     }
 }
 
-fn env_count(name: &str, default: u32) -> u32 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 /// Resize soak (issue 12): cycles of CPU add/online/remove, a memory add (128M per cycle until
 /// the window is full, then a shrink that waits for the reboot), bad requests, a second client
 /// and a mixed CPU+memory request, with a reboot every few cycles. After every cycle minivmm's
@@ -717,8 +710,8 @@ fn env_count(name: &str, default: u32) -> u32 {
 /// (README, "Reliability"). Live memory removal has its own test.
 #[test]
 fn resize_soak_leaks_nothing() {
-    let cycles = env_count("MINIVMM_SOAK_CYCLES", 4);
-    let reboot_every = env_count("MINIVMM_SOAK_REBOOT_EVERY", 2).max(1);
+    let cycles = common::env_or::<u32>("MINIVMM_SOAK_CYCLES", 4);
+    let reboot_every = common::env_or::<u32>("MINIVMM_SOAK_REBOOT_EVERY", 2).max(1);
     let limit = Duration::from_secs(120 + 20 * u64::from(cycles));
     common::run_in_test_host_for("resize_soak_leaks_nothing", limit, || {
         const BOOT_MIB: u64 = 512;

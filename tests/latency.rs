@@ -27,22 +27,14 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// The number in environment variable `name`, or `default`.
-fn env_number<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 /// Possible vCPUs of every VMM (`MINIVMM_BENCH_MAX_CPUS`, default 4).
 fn max_cpus() -> u32 {
-    env_number("MINIVMM_BENCH_MAX_CPUS", 4)
+    env_or("MINIVMM_BENCH_MAX_CPUS", 4)
 }
 
 /// Interleaved rounds (`MINIVMM_BENCH_ROUNDS`, default 3).
 fn rounds() -> usize {
-    env_number("MINIVMM_BENCH_ROUNDS", 3)
+    env_or("MINIVMM_BENCH_ROUNDS", 3)
 }
 
 /// `min / median / max` of `v`, in whole milliseconds.

@@ -53,10 +53,7 @@ const BENCH_L1_TIMEOUT: Duration = Duration::from_secs(900);
 
 /// Interleaved rounds (`MINIVMM_BENCH_ROUNDS`, default 3).
 fn rounds() -> usize {
-    std::env::var("MINIVMM_BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3)
+    env_or("MINIVMM_BENCH_ROUNDS", 3)
 }
 
 fn median(v: &mut [f64]) -> f64 {

@@ -213,7 +213,7 @@ pub struct HostFacts {
     pub hw_virt: bool,
     /// `/sys/module/kvm_pvm` exists (software PVM hypervisor).
     pub pvm: bool,
-    /// `qemu-system-x86_64` is on PATH.
+    /// The emulated host's QEMU ([`l1_qemu`], by default `qemu-system-x86_64` on PATH) exists.
     pub qemu: bool,
 }
 
@@ -225,7 +225,7 @@ impl HostFacts {
             dev_kvm: Path::new("/dev/kvm").exists(),
             hw_virt: cpu_has_hw_virt(&cpuinfo),
             pvm: Path::new("/sys/module/kvm_pvm").exists(),
-            qemu: which("qemu-system-x86_64").is_some(),
+            qemu: which(&l1_qemu()).is_some(),
         }
     }
 }
@@ -307,7 +307,16 @@ pub fn say(line: &str) {
     let _ = writeln!(std::io::stderr(), "{line}");
 }
 
-/// Locates an executable on PATH.
+/// The value of environment variable `name` parsed as a `T`, or `default` when it is unset or does
+/// not parse.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Locates an executable on PATH (or `name` itself when it is a path).
 pub fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
@@ -590,24 +599,27 @@ pub fn parse_l1_step(console: &str, step: &str) -> Option<f64> {
 /// `npt=1` for now: the first CI run with `npt=0` froze L1 at its first L2 reboot and booted the
 /// 2-vCPU guest in 15 s instead of about 7, so `npt=0` needs its own CI measurements first.
 pub fn l1_kvm_amd_params() -> String {
-    std::env::var("MINIVMM_TEST_L1_KVM_AMD").unwrap_or_else(|_| "npt=1".to_string())
+    env_or("MINIVMM_TEST_L1_KVM_AMD", "npt=1".to_string())
 }
 
 /// The emulated test host's vCPU count: `$MINIVMM_TEST_L1_SMP`, by default 2.
 fn l1_smp() -> String {
-    std::env::var("MINIVMM_TEST_L1_SMP").unwrap_or_else(|_| "2".to_string())
+    env_or("MINIVMM_TEST_L1_SMP", "2".to_string())
 }
 
 /// QEMU's TCG options for the emulated test host: `$MINIVMM_TEST_L1_TCG`, by default
 /// `thread=multi,tb-size=512` (one host thread per vCPU, a 512 MiB translation cache).
 fn l1_tcg() -> String {
-    std::env::var("MINIVMM_TEST_L1_TCG").unwrap_or_else(|_| "thread=multi,tb-size=512".to_string())
+    env_or(
+        "MINIVMM_TEST_L1_TCG",
+        "thread=multi,tb-size=512".to_string(),
+    )
 }
 
 /// The QEMU that runs the emulated test host: `$MINIVMM_TEST_L1_QEMU`, by default `qemu-system-x86_64`
 /// from PATH (e.g. a newer QEMU installed beside Debian's, to tell its TCG's faults from minivmm's).
 fn l1_qemu() -> String {
-    std::env::var("MINIVMM_TEST_L1_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".to_string())
+    env_or("MINIVMM_TEST_L1_QEMU", "qemu-system-x86_64".to_string())
 }
 
 /// Runs test `name` of this executable inside a fresh emulated test host and fails unless it passed there
@@ -639,7 +651,7 @@ fn run_emulated(name: &str, l1_timeout: Duration) {
     let _ = writeln!(
         script,
         "export {HOST_ENV}=direct {INNER_ENV}=1 RUST_BACKTRACE={}",
-        std::env::var("RUST_BACKTRACE").unwrap_or_else(|_| "0".into())
+        env_or("RUST_BACKTRACE", "0".to_string())
     );
     for var in [BIN_ENV, "RUST_LOG", "MINIVMM_TEST_KVM_TRACE"] {
         if let Ok(v) = std::env::var(var) {
@@ -667,14 +679,14 @@ fn run_emulated(name: &str, l1_timeout: Duration) {
         repo_dir().display(),
         l1_kvm_amd_params()
     );
+    let (qemu, accel, smp) = (l1_qemu(), format!("tcg,{}", l1_tcg()), l1_smp());
     let attempt_log = |n: u32| log_path.with_extension(format!("attempt{n}.log"));
     for attempt in 1..=L1_ATTEMPTS {
         let start = Instant::now();
-        let qemu = l1_qemu();
         let mut child = Command::new(&qemu)
-            .args(["-accel", &format!("tcg,{}", l1_tcg())])
+            .args(["-accel", &accel])
             .args(["-machine", "q35", "-cpu", "EPYC"])
-            .args(["-smp", &l1_smp()])
+            .args(["-smp", &smp])
             .args([
                 "-m",
                 "4G",
