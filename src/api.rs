@@ -126,6 +126,14 @@ impl VmBuilder {
     }
 
     /// Where the guest's console output goes (the guest gets no console input).
+    ///
+    /// The writer is called on vCPU threads, as the guest writes its UART, under their seccomp
+    /// filter (`seccomp/vcpu.json`): `write`/`writev`, `send` on a connected socket, locks
+    /// (`futex`), `poll`, clocks and memory calls only. A file, a pipe, a terminal, a std
+    /// `UnixStream` or `TcpStream`, a `Vec` or a channel is fine; a writer that opens files or
+    /// connects sockets itself kills the process (159): give it to another thread through a
+    /// pipe or a channel instead. A writer should not block for long: the guest's vCPU waits
+    /// for it.
     pub fn serial_output(mut self, out: Box<dyn std::io::Write + Send>) -> Self {
         self.config.serial = SerialMode::Tty;
         self.serial_out = Some(out);

@@ -1590,7 +1590,9 @@ pub mod virtio {
     //! by at most the chains that were available, and each new used element names a head inside
     //! the queue and has length 0 or at most the bytes its chain's writable descriptors cover; a
     //! read-only disk's bytes never change, the disk never changes size, and bytes past its
-    //! last whole sector never change.
+    //! last whole sector never change. A register write (a vCPU thread's part) never changes the
+    //! vsock muxer's connections; a reset drops them all once the harness settles the device, as
+    //! the event loop does on `DeviceEvent::VirtioStatus`.
 
     use std::io::Write as _;
     use std::os::unix::net::UnixStream;
@@ -1604,7 +1606,7 @@ pub mod virtio {
     use crate::devices::virtio::mmio::MmioTransport;
     use crate::devices::virtio::vsock::Vsock;
     use crate::devices::virtio::{Wake, VIRTIO_F_VERSION_1};
-    use crate::devices::{lock, BusDevice};
+    use crate::devices::{lock, BusDevice, DeviceEvent};
     use crate::vsock_muxer::{Interest, VsockMuxer};
 
     const MAGIC: u64 = 0x000;
@@ -1831,9 +1833,33 @@ pub mod virtio {
         }
 
         fn wr(&mut self, offset: u64, value: u32) {
-            self.t.write(offset, &value.to_le_bytes());
+            self.bus_write(offset, &value.to_le_bytes());
             if offset == STATUS && value == 0 {
                 self.after_reset();
+            }
+        }
+
+        /// A register write as a vCPU thread makes it: it must leave the host side alone (the
+        /// vCPU filter forbids socket calls), so the vsock muxer keeps every connection until
+        /// the main thread settles the device, as the event loop does on `VirtioStatus`; a
+        /// reset then drops them all.
+        fn bus_write(&mut self, offset: u64, bytes: &[u8]) {
+            let conns = |h: &Self| h.vsock.then(|| lock(&vsock_host().muxer).connections());
+            let before = conns(self);
+            let event = self.t.write(offset, bytes);
+            assert_eq!(
+                conns(self),
+                before,
+                "a register write changed the host side"
+            );
+            if event == DeviceEvent::VirtioStatus {
+                let reset = self.rd(STATUS) == 0;
+                self.t.settle();
+                if reset && self.vsock {
+                    assert_eq!(conns(self), Some(0), "connections left after a reset");
+                }
+            } else {
+                assert_eq!(event, DeviceEvent::None, "register write at {offset:#x}");
             }
         }
 
@@ -1882,7 +1908,7 @@ pub mod virtio {
                 }
                 return;
             }
-            self.t.write(offset, &bytes[..width]);
+            self.bus_write(offset, &bytes[..width]);
             if width == 4 && offset.is_multiple_of(4) && offset < CONFIG {
                 if offset == STATUS && value as u32 == 0 {
                     self.after_reset();

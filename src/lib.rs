@@ -251,7 +251,7 @@ pub(crate) fn launch(config: VmConfig, hosting: Hosting) -> Result<Launched, Err
         let filters = seccomp::compile_filters()?;
         seccomp::fix_malloc_arenas();
         seccomp::install_sigsys_handler()?;
-        seccomp::apply(&filters.vmm)?;
+        seccomp::apply(&filters.vmm, seccomp::ThreadKind::Vmm)?;
         Some(Arc::new(filters.vcpu))
     } else {
         log::warn!("seccomp is off: the guest is not confined (debugging only)");

@@ -1,8 +1,9 @@
 //! Seccomp filters: one JSON filter per thread kind (`seccomp/vmm.json` for the main thread,
 //! `seccomp/vcpu.json` for vCPU threads), compiled with seccompiler at start-up and installed
 //! before a thread touches guest-controlled input. A forbidden system call raises SIGSYS, whose
-//! handler names the call and ends the process.
+//! handler names the call, the thread that made it and its filter, and ends the process.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicI32, Ordering};
 
 pub use seccompiler::BpfProgram;
@@ -52,9 +53,39 @@ pub fn compile_filters() -> Result<Filters, SeccompError> {
     })
 }
 
-/// Installs `filter` on the calling thread (threads it creates later inherit it).
-pub fn apply(filter: &BpfProgram) -> Result<(), SeccompError> {
-    seccompiler::apply_filter(filter).map_err(SeccompError::Apply)
+/// Which of minivmm's threads a filter goes on (for the SIGSYS report).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThreadKind {
+    /// The thread that runs the event loop, under `seccomp/vmm.json`.
+    Vmm,
+    /// The thread of this vCPU, under `seccomp/vcpu.json`.
+    Vcpu(u32),
+}
+
+thread_local! {
+    /// The calling thread's kind, once its filter is on (read by the SIGSYS handler).
+    static THREAD_KIND: Cell<Option<ThreadKind>> = const { Cell::new(None) };
+}
+
+/// Installs `filter` on the calling thread, a thread of `kind` (threads it creates later
+/// inherit the filter).
+pub fn apply(filter: &BpfProgram, kind: ThreadKind) -> Result<(), SeccompError> {
+    seccompiler::apply_filter(filter).map_err(SeccompError::Apply)?;
+    THREAD_KIND.with(|k| k.set(Some(kind)));
+    Ok(())
+}
+
+/// Writes `n` in decimal into the end of `buf`; returns where the digits start.
+fn decimal(mut n: u64, buf: &mut [u8; 20]) -> usize {
+    let mut pos = buf.len();
+    loop {
+        pos -= 1;
+        buf[pos] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 || pos == 0 {
+            return pos;
+        }
+    }
 }
 
 /// Terminal to restore (stdin fd) from the SIGSYS handler, or -1.
@@ -86,29 +117,46 @@ extern "C" fn sigsys_handler(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut
     };
     let fd = RESTORE_TTY_FD.load(Ordering::SeqCst);
     if fd >= 0 {
+        // The terminal is restored with the one ioctl both filters allow (TCSETS): glibc's
+        // tcsetattr reads the attributes back first (TCGETS), which the vCPU filter forbids.
         // SAFETY: SAVED_TERMIOS was written before `fd` was published and is never written
-        // again; tcsetattr is async-signal-safe.
+        // again. TCSETS reads the kernel's `struct termios`, a prefix of glibc's (the four flag
+        // words, c_line and the first 19 control characters; the speeds are in c_cflag, as
+        // tcgetattr filled it). ioctl is async-signal-safe.
         unsafe {
             if let Some(t) = (*std::ptr::addr_of!(SAVED_TERMIOS)).as_ref() {
-                libc::tcsetattr(fd, libc::TCSANOW, t);
+                libc::ioctl(fd, libc::TCSETS, t as *const libc::termios);
             }
         }
     }
-    let mut digits = [0u8; 12];
-    let mut pos = digits.len();
-    let mut n = nr.unsigned_abs();
-    loop {
-        pos -= 1;
-        digits[pos] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 || pos == 0 {
-            break;
+    let name = u32::try_from(nr)
+        .ok()
+        .and_then(|n| syscalls::Sysno::new(n as usize))
+        .map_or("unknown", |s| s.name());
+    // A const-initialised thread-local without a destructor: reading it allocates nothing.
+    let kind = THREAD_KIND.with(|k| k.get());
+    let mut nr_digits = [0u8; 20];
+    let nr_at = decimal(u64::from(nr.unsigned_abs()), &mut nr_digits);
+    let mut id_digits = [0u8; 20];
+    let (thread, id, filter): (&[u8], &[u8], &[u8]) = match kind {
+        Some(ThreadKind::Vcpu(id)) => {
+            let at = decimal(u64::from(id), &mut id_digits);
+            (b"vcpu", &id_digits[at..], b"seccomp/vcpu.json")
         }
-    }
-    let parts: [&[u8]; 3] = [
-        b"\r\nminivmm: seccomp: forbidden system call nr ",
-        &digits[pos..],
-        b"; exiting (see seccomp/*.json)\n",
+        Some(ThreadKind::Vmm) => (b"vmm (event loop)", b"", b"seccomp/vmm.json"),
+        None => (b"unknown", b"", b"seccomp/*.json"),
+    };
+    let parts: [&[u8]; 10] = [
+        b"\r\nminivmm: seccomp: forbidden system call ",
+        name.as_bytes(),
+        b" (nr ",
+        &nr_digits[nr_at..],
+        b") on thread ",
+        thread,
+        id,
+        b"; exiting (see ",
+        filter,
+        b")\n",
     ];
     // SAFETY: write(2) and _exit(2) are async-signal-safe; each part is a valid buffer.
     unsafe {
@@ -186,7 +234,7 @@ mod tests {
         use std::os::fd::AsRawFd;
         let kvm = std::fs::File::open("/dev/kvm").expect("/dev/kvm is needed for this test");
         let filters = compile_filters().expect("filters compile");
-        apply(&filters.vmm).expect("install the filter");
+        apply(&filters.vmm, ThreadKind::Vmm).expect("install the filter");
         // KVM_CHECK_EXTENSION(KVM_CAP_IRQCHIP): listed.
         // SAFETY: an ioctl with an integer argument on our own /dev/kvm fd.
         let r = unsafe { libc::ioctl(kvm.as_raw_fd(), 0xae03, 0) };

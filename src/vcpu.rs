@@ -61,6 +61,8 @@ pub enum VcpuEvent {
     Online(u32),
     /// The guest reported a hotplug status through `_OST`.
     Ost(DeviceEvent),
+    /// A virtio driver reset or started a device; the main thread completes it.
+    VirtioStatus,
     /// The vCPU hit a condition it cannot continue from.
     Fatal {
         /// vCPU index.
@@ -173,7 +175,7 @@ impl VcpuThread {
 
 fn run_vcpu(id: u32, mut vcpu: VcpuFd, ctx: VcpuContext, kill: &AtomicBool) -> VcpuFd {
     if let Some(filter) = &ctx.seccomp {
-        if let Err(e) = seccomp::apply(filter) {
+        if let Err(e) = seccomp::apply(filter, seccomp::ThreadKind::Vcpu(id)) {
             ctx.events.send(VcpuEvent::Fatal {
                 cpu: id,
                 reason: format!("cannot install the vCPU seccomp filter: {e}"),
@@ -315,6 +317,10 @@ fn handle_exit(id: u32, exit: VcpuExit<'_>, ctx: &VcpuContext) -> Next {
         }
         Some(DeviceEvent::MemEject(slot)) => {
             ctx.events.send(VcpuEvent::MemEjected(slot));
+            Next::Continue
+        }
+        Some(DeviceEvent::VirtioStatus) => {
+            ctx.events.send(VcpuEvent::VirtioStatus);
             Next::Continue
         }
         Some(ost @ (DeviceEvent::CpuOst { .. } | DeviceEvent::MemOst { .. })) => {

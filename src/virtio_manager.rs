@@ -161,6 +161,14 @@ impl VirtioDevices {
         lock(&slot.transport).process(Wake::Queue(queue), mem);
     }
 
+    /// Carries out the device resets and activations the guest's status writes asked for
+    /// (on the main thread: a vsock reset closes host connections).
+    pub(crate) fn settle(&self) {
+        for slot in &self.slots {
+            lock(&slot.transport).settle();
+        }
+    }
+
     /// A host fd of the vsock device is ready (or, with `wake` = [`Wake::Tick`], its timeouts).
     pub(crate) fn vsock_wake(&self, wake: Wake, mem: &GuestMemoryMmap) {
         if let Some(slot) = self.vsock.and_then(|i| self.slots.get(i)) {

@@ -209,6 +209,11 @@ impl Vmm {
                     }
                 }
                 VcpuEvent::Ost(ost) => self.on_ost(ost),
+                VcpuEvent::VirtioStatus => {
+                    if let Some(m) = &self.machine {
+                        m.virtio.settle();
+                    }
+                }
                 VcpuEvent::BootMarker { value, at } => self.on_boot_marker(value, at),
                 VcpuEvent::Online(cpu) => {
                     log::info!("vCPU {cpu} is online");

@@ -212,3 +212,31 @@ fn dropping_the_handle_stops_the_vm() {
         })
     );
 }
+
+/// Console output to std sockets, which write with `send(MSG_NOSIGNAL)`, on the vCPU thread
+/// under its seccomp filter (on by default): a `UnixStream` and a `TcpStream` each get the
+/// guest's output whole, and the guest powers off (a forbidden call would kill this test
+/// process with 159).
+#[test]
+fn console_output_to_a_socket_under_the_vcpu_filter() {
+    use std::io::Read;
+    let code = tiny::print_then("over a socket\n", tiny::POWER_OFF);
+    let (unix_ours, unix_vm) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let tcp_vm = std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("tcp");
+    let (tcp_ours, _) = listener.accept().expect("accept");
+    let outs: [(Box<dyn std::io::Write + Send>, Box<dyn Read>); 2] = [
+        (Box::new(unix_vm), Box::new(unix_ours)),
+        (Box::new(tcp_vm), Box::new(tcp_ours)),
+    ];
+    for (i, (vm_side, mut ours)) in outs.into_iter().enumerate() {
+        let vm = VmBuilder::new(guest(&format!("socket-console-{i}"), &code))
+            .serial_output(vm_side)
+            .start()
+            .expect("start");
+        assert_eq!(vm.wait().expect("outcome"), Exit::PowerOff);
+        let mut got = Vec::new();
+        ours.read_to_end(&mut got).expect("read the console");
+        assert_eq!(got, b"over a socket\n", "writer {i}");
+    }
+}

@@ -8,12 +8,16 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+#[allow(dead_code)] // the vsock helpers of the real-Linux tests; this file uses a few
+#[path = "common/stream.rs"]
+mod stream;
 mod tiny;
 
+use stream::read_to_close;
 use tiny::{
     echo_until_bang, out_byte, out_byte_then_halt, out_word_then_halt, print_then, pvh_elf,
     CF9_RESET, EJECTING_GUEST, HALT_FOREVER, HOSTILE, HOSTILE_SMP, KBD_RESET, LSTAR_NON_CANONICAL,
-    LSTAR_ROUND_TRIP, POWER_OFF, RESET, TRIPLE_FAULT, VIRTIO_HOSTILE,
+    LSTAR_ROUND_TRIP, POWER_OFF, RESET, TRIPLE_FAULT, VIRTIO_HOSTILE, VSOCK_AGENT,
 };
 
 fn temp_path(name: &str) -> PathBuf {
@@ -1260,19 +1264,11 @@ fn a_hostile_guest_on_four_vcpus_cannot_crash_or_stall_minivmm() {
     );
 }
 
-/// A guest driving a virtio-blk disk with random queue set-ups, descriptor chains (loops, lengths
-/// up to 4 GiB, addresses outside RAM, no status byte) and avail indices: minivmm stays up,
-/// answers `info` throughout, and shuts down cleanly.
-#[test]
-fn a_hostile_virtio_driver_cannot_crash_or_stall_minivmm() {
-    let disk = temp_path("hostile-disk.img");
-    std::fs::write(&disk, vec![0u8; 1 << 20]).expect("write disk");
-    let disk_arg = format!("path={}", disk.display());
-    let mut vm = Controlled::start_with(
-        "virtio-hostile",
-        VIRTIO_HOSTILE,
-        &["--disk", &disk_arg, "--pvpanic", "off"],
-    );
+/// Runs the hostile virtio driver against the first virtio device `args` give it for 3 s,
+/// asking `info` throughout; checks minivmm answered, shut down cleanly and logged no panic or
+/// seccomp violation. Returns the log.
+fn hostile_virtio_run(name: &str, args: &[&str]) -> String {
+    let mut vm = Controlled::start_with(name, VIRTIO_HOSTILE, args);
     let log = vm.drain_log();
     let mut c = vm.connect();
     let t0 = Instant::now();
@@ -1290,6 +1286,22 @@ fn a_hostile_virtio_driver_cannot_crash_or_stall_minivmm() {
         !log.contains("panicked") && !log.contains("seccomp"),
         "{log}"
     );
+    println!(
+        "{name}: {asked} info requests answered in 3 s, {} log lines",
+        log.lines().count()
+    );
+    log
+}
+
+/// A guest driving a virtio-blk disk with random queue set-ups, descriptor chains (loops, lengths
+/// up to 4 GiB, addresses outside RAM, no status byte) and avail indices: minivmm stays up,
+/// answers `info` throughout, and shuts down cleanly.
+#[test]
+fn a_hostile_virtio_driver_cannot_crash_or_stall_minivmm() {
+    let disk = temp_path("hostile-disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).expect("write disk");
+    let disk_arg = format!("path={}", disk.display());
+    let log = hostile_virtio_run("virtio-hostile", &["--disk", &disk_arg, "--pvpanic", "off"]);
     assert_eq!(
         std::fs::metadata(&disk).expect("disk").len(),
         1 << 20,
@@ -1299,9 +1311,76 @@ fn a_hostile_virtio_driver_cannot_crash_or_stall_minivmm() {
         log.contains("virtio device type 2") && log.contains("needs a reset"),
         "the guest's broken queues reached the device: {log}"
     );
-    println!(
-        "hostile virtio driver: {asked} info requests answered in 3 s, {} log lines",
-        log.lines().count()
+}
+
+/// Whether the peer closed nonblocking `s`: a read sees end of file or an error other than
+/// "no data yet" (after any data still buffered).
+fn closed_by_peer(mut s: &std::os::unix::net::UnixStream) -> bool {
+    let mut b = [0u8; 256];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) => return e.kind() != std::io::ErrorKind::WouldBlock,
+        }
+    }
+}
+
+/// The same hostile driver on a vsock device while host clients keep connecting (some sending
+/// `CONNECT`, whose requests reach the guest's RX queue, some silent): every one of its resets
+/// drops live host connections, which must happen on the event loop's thread (the vCPU filter
+/// has no socket calls), so minivmm stays up with its filters on and the host sees its
+/// connections closed.
+#[test]
+fn a_hostile_virtio_driver_resetting_vsock_with_live_host_connections() {
+    let host = VsockHost::new("vsock-hostile");
+    let vsock = format!("cid=3,socket={}", host.sock.display());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sock = host.sock.clone();
+    let flag = stop.clone();
+    let clients = std::thread::spawn(move || {
+        let (mut opened, mut closed) = (0u32, 0u32);
+        let mut live = std::collections::VecDeque::new();
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok(mut s) = std::os::unix::net::UnixStream::connect(&sock) {
+                if opened % 2 == 0 {
+                    let _ = s.write_all(format!("CONNECT {}\n", 5000 + opened % 7).as_bytes());
+                }
+                let _ = s.set_nonblocking(true);
+                opened += 1;
+                live.push_back(s);
+            }
+            // Count the connections minivmm closed (a reset, or no listener in the guest).
+            live.retain(|s| {
+                let gone = closed_by_peer(s);
+                closed += u32::from(gone);
+                !gone
+            });
+            while live.len() > 32 {
+                live.pop_front();
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        (opened, closed)
+    });
+    hostile_virtio_run(
+        "vsock-hostile",
+        &[
+            "--vsock",
+            &vsock,
+            "--pvpanic",
+            "off",
+            "--memory",
+            "size=64M",
+        ],
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (opened, closed) = clients.join().expect("clients");
+    println!("vsock-hostile: {opened} host connections, {closed} seen closed");
+    assert!(opened >= 100, "only {opened} host connections in 3 s");
+    assert!(
+        closed >= opened / 4,
+        "{closed} of {opened} host connections seen closed"
     );
 }
 
@@ -1504,35 +1583,204 @@ fn a_guest_cannot_flood_the_log() {
 
 /// Every thread kind is confined: a forbidden system call (`getppid`, made by the debug-build
 /// probe `MINIVMM_TEST_FORBIDDEN_SYSCALL`) from the event-loop thread or from a vCPU thread
-/// kills minivmm with exit code 159 and names the call; with `--seccomp off` the same call is
-/// harmless and the guest runs to its power-off.
+/// kills minivmm with exit code 159 and names the call, the thread and its filter, also with
+/// the console on a terminal, which is left as it was found (the report once died unwritten on
+/// a vCPU thread, whose filter lacked the handler's terminal restore); with `--seccomp off` the
+/// same call is harmless and the guest runs to its power-off.
 #[test]
 fn a_forbidden_system_call_from_each_thread_kind_is_killed() {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     require_kvm();
     let kernel = temp_path("seccomp-probe.elf");
     std::fs::write(&kernel, pvh_elf(&print_then("up\n", POWER_OFF))).expect("write guest");
-    let run = |kind: &str, seccomp: &str| {
-        let out = Command::new(env!("CARGO_BIN_EXE_minivmm"))
-            .args(["--kernel".as_ref(), kernel.as_os_str()])
-            .args(["--seccomp", seccomp, "--serial", "off"])
-            .env("MINIVMM_TEST_FORBIDDEN_SYSCALL", kind)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run minivmm");
+    // Returns the exit code, stderr, and whether the terminal (if any) is canonical again.
+    let run = |kind: &str, seccomp: &str, tty: bool| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_minivmm"));
+        cmd.args(["--kernel".as_ref(), kernel.as_os_str()])
+            .args(["--seccomp", seccomp])
+            .env("MINIVMM_TEST_FORBIDDEN_SYSCALL", kind);
+        let mut pty = None;
+        if tty {
+            let (mut master, mut slave) = (-1, -1);
+            // SAFETY: openpty writes two descriptors into the given ints; no name, termios or
+            // window size is passed.
+            let r = unsafe {
+                libc::openpty(
+                    &mut master,
+                    &mut slave,
+                    std::ptr::null_mut(),
+                    std::ptr::null(),
+                    std::ptr::null(),
+                )
+            };
+            assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
+            // SAFETY: both descriptors were just opened and are owned here alone.
+            let (master, slave) =
+                unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+            cmd.args(["--serial", "tty"])
+                .stdin(slave.try_clone().expect("dup"))
+                .stdout(slave.try_clone().expect("dup"));
+            pty = Some((master, slave));
+        } else {
+            cmd.args(["--serial", "off"]).stdin(Stdio::null());
+        }
+        let out = cmd.output().expect("run minivmm");
+        let canonical = pty.as_ref().is_none_or(|(_, slave)| {
+            // SAFETY: termios is plain data that tcgetattr fills for a descriptor we own.
+            let mut t: libc::termios = unsafe { std::mem::zeroed() };
+            // SAFETY: as above.
+            let r = unsafe { libc::tcgetattr(slave.as_raw_fd(), &mut t) };
+            r == 0 && t.c_lflag & libc::ICANON != 0
+        });
         (
             out.status.code().unwrap_or(-1),
             String::from_utf8_lossy(&out.stderr).into_owned(),
+            canonical,
         )
     };
-    let getppid = libc::SYS_getppid.to_string();
-    for kind in ["main", "vcpu"] {
-        let (code, err) = run(kind, "on");
-        assert_eq!(code, 159, "{kind} thread: {err}");
-        assert!(
-            err.contains(&format!("seccomp: forbidden system call nr {getppid};")),
-            "{kind} thread: {err}"
+    let getppid = libc::SYS_getppid;
+    for (kind, thread, filter) in [
+        ("main", "vmm (event loop)", "vmm.json"),
+        ("vcpu", "vcpu0", "vcpu.json"),
+    ] {
+        let report = format!(
+            "seccomp: forbidden system call getppid (nr {getppid}) on thread {thread}; \
+             exiting (see seccomp/{filter})"
         );
-        let (code, err) = run(kind, "off");
+        for tty in [false, true] {
+            let (code, err, canonical) = run(kind, "on", tty);
+            assert_eq!(code, 159, "{kind} thread, tty {tty}: {err}");
+            assert!(err.contains(&report), "{kind} thread, tty {tty}: {err}");
+            assert!(canonical, "{kind} thread: the terminal was left raw");
+        }
+        let (code, err, _) = run(kind, "off", false);
         assert_eq!(code, 0, "{kind} thread without filters: {err}");
     }
+}
+
+/// The host side of the tiny vsock agent's connections: the listener its guest connections
+/// reach (`PATH_6000`), and hybrid-vsock clients.
+struct VsockHost {
+    sock: PathBuf,
+    listener: std::os::unix::net::UnixListener,
+}
+
+impl VsockHost {
+    fn new(name: &str) -> Self {
+        let sock = temp_path(&format!("{name}.vsock"));
+        let _ = std::fs::remove_file(&sock);
+        let port = PathBuf::from(format!("{}_6000", sock.display()));
+        let _ = std::fs::remove_file(&port);
+        let listener = std::os::unix::net::UnixListener::bind(&port).expect("bind PATH_6000");
+        listener.set_nonblocking(true).expect("nonblocking");
+        VsockHost { sock, listener }
+    }
+
+    /// The agent's connection to host port 6000, which it opens each time it brings the
+    /// device up.
+    fn accept_agent(&self) -> std::os::unix::net::UnixStream {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.listener.accept() {
+                Ok((s, _)) => {
+                    s.set_nonblocking(false).expect("blocking");
+                    s.set_read_timeout(Some(Duration::from_secs(10)))
+                        .expect("timeout");
+                    return s;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    assert!(Instant::now() < deadline, "the agent did not connect");
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        }
+    }
+
+    /// A client of the hybrid socket, before its `CONNECT` line.
+    fn client(&self) -> std::os::unix::net::UnixStream {
+        let s = std::os::unix::net::UnixStream::connect(&self.sock).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        s
+    }
+
+    /// A connection to guest port `port`, accepted by the agent.
+    fn connect(&self, port: u32) -> std::os::unix::net::UnixStream {
+        let mut s = self.client();
+        s.write_all(format!("CONNECT {port}\n").as_bytes())
+            .expect("CONNECT");
+        let mut line = Vec::new();
+        let mut b = [0u8; 1];
+        while b[0] != b'\n' {
+            assert_eq!(s.read(&mut b).expect("OK line"), 1, "closed before OK");
+            line.push(b[0]);
+        }
+        assert!(
+            line.starts_with(b"OK "),
+            "{:?}",
+            String::from_utf8_lossy(&line)
+        );
+        s
+    }
+}
+
+/// A guest that resets its vsock device, reboots and powers off while the host holds
+/// connections in both directions (established, with unread data in flight, and a client that
+/// has not sent its `CONNECT` line): the vCPU thread that takes the guest's status write must
+/// leave the host sockets to the event loop (the vCPU filter has no socket calls), so minivmm
+/// keeps running with every filter on, the host sees each connection closed, vsock works again
+/// after the reset and after the reboot, and the power-off is exit 0.
+#[test]
+fn vsock_reset_reboot_and_power_off_with_live_host_connections() {
+    let host = VsockHost::new("vsock-live");
+    let vsock = format!("cid=3,socket={}", host.sock.display());
+    let mut vm = Controlled::start_with(
+        "vsock-live",
+        VSOCK_AGENT,
+        &[
+            "--vsock",
+            &vsock,
+            "--memory",
+            "size=64M",
+            "--log-level",
+            "info",
+        ],
+    );
+    let log = vm.drain_log();
+    let mut control = vm.connect();
+    for (round, command) in [b"r", b"r", b"b", b"p"].into_iter().enumerate() {
+        let agent = host.accept_agent();
+        let mut a = host.connect(5000);
+        let mut b = host.connect(5001);
+        let waiting = host.client();
+        let mut c = host.connect(5002);
+        // Data the agent never reads, in flight as the device goes away.
+        b.write_all(&[7u8; 4096]).expect("write");
+        a.write_all(b"x").expect("write");
+        c.write_all(command).expect("command");
+        for (s, what) in [
+            (&agent, "agent"),
+            (&a, "a"),
+            (&b, "b"),
+            (&waiting, "waiting"),
+            (&c, "c"),
+        ] {
+            read_to_close(s, &format!("round {round}: {what}"));
+        }
+        if command != b"p" {
+            std::thread::sleep(Duration::from_millis(20));
+            let exited = vm.child.try_wait().expect("wait");
+            assert!(exited.is_none(), "round {round}: minivmm ended: {exited:?}");
+            let info = control.ask("info");
+            assert!(
+                info.starts_with("ok state=running"),
+                "round {round}: {info}"
+            );
+        }
+    }
+    assert_eq!(vm.wait(), 0, "the power-off with connections open");
+    let log = log.join().expect("log");
+    assert!(!log.contains("seccomp"), "{log}");
+    assert!(log.contains("ACPI reset register"), "the reboot: {log}");
 }

@@ -5,14 +5,17 @@
 
 mod common;
 
+use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::process::Command;
 use std::thread;
 use std::time::Duration;
 
-use common::stream::{echo_exchange, hybrid_connect, hybrid_sink, pattern, pattern_hash};
+use common::stream::{
+    echo_exchange, hybrid_connect, hybrid_sink, pattern, pattern_hash, read_to_close,
+};
 use common::{run_in_test_host, Vm, VmOptions, EXIT_TIMEOUT};
 use vmm_sys_util::tempdir::TempDir;
 
@@ -207,6 +210,65 @@ fn vsock_moves_64_mib_both_ways_with_32_connections_and_after_a_reboot() {
             sink.join().unwrap();
             vm.write_line("poweroff -f");
             assert_eq!(vm.wait_exit(EXIT_TIMEOUT), 0);
+        },
+    );
+}
+
+/// Issue 22: the guest reboots and powers off while the host holds vsock connections in both
+/// directions (host-initiated ones, one with data in flight; guest-initiated ones the guest
+/// is still writing into): minivmm keeps running through the reboot with its filters on, the
+/// host sees every connection closed, new connections work both ways, and the power-off is
+/// exit 0.
+#[test]
+fn vsock_connections_held_open_through_a_reboot_and_a_power_off() {
+    run_in_test_host(
+        "vsock_connections_held_open_through_a_reboot_and_a_power_off",
+        || {
+            let dir = TempDir::new().unwrap();
+            let sock = dir.as_path().join("v.sock");
+            let mut opts = VmOptions::bzimage();
+            opts.extra = vec![
+                "--vsock".into(),
+                format!("cid=42,socket={}", sock.display()),
+            ];
+            let mut vm = Vm::boot(opts);
+            let listener = UnixListener::bind(format!("{}_6000", sock.display())).unwrap();
+            for command in ["reboot -f", "poweroff -f"] {
+                start_echo_listener(&mut vm, 5000);
+                let mut held: Vec<File> = (0..3)
+                    .map(|_| hybrid_connect(&sock, 5000, VSOCK_TIMEOUT))
+                    .collect();
+                // The first echoes while the host keeps writing to the second.
+                held[0].write_all(b"ping").unwrap();
+                let mut pong = [0u8; 4];
+                held[0].read_exact(&mut pong).unwrap();
+                assert_eq!(&pong, b"ping");
+                held[1].write_all(&[9u8; 32 << 10]).unwrap();
+                // Two guest connections to host port 6000, sending far more than the host reads.
+                vm.sh(
+                    "for i in 1 2; do vsock-tool connect 2 6000 send 1073741824 \
+                     > /dev/null 2>&1 & done; true",
+                );
+                let guest_side: Vec<File> = (0..2)
+                    .map(|_| {
+                        let (s, _) = listener.accept().unwrap();
+                        s.set_read_timeout(Some(VSOCK_TIMEOUT)).unwrap();
+                        let mut f = File::from(std::os::fd::OwnedFd::from(s));
+                        let mut some = [0u8; 4096];
+                        f.read_exact(&mut some).expect("guest data flows");
+                        f
+                    })
+                    .collect();
+                vm.write_line(command);
+                if command.starts_with("poweroff") {
+                    assert_eq!(vm.wait_exit(EXIT_TIMEOUT), 0, "power-off, connections open");
+                } else {
+                    vm.wait_ready();
+                }
+                for (i, s) in held.iter().chain(&guest_side).enumerate() {
+                    read_to_close(s, &format!("{command}: connection {i}"));
+                }
+            }
         },
     );
 }

@@ -141,6 +141,9 @@ pub enum DeviceEvent {
         /// ACPI `_OST` status code (0 = success, 0x80 = not supported, 0x82 = busy, ...).
         status: u32,
     },
+    /// A virtio driver reset or started a device: the main thread must carry out the device's
+    /// side (`MmioTransport::settle`), which may touch host resources a vCPU thread must not.
+    VirtioStatus,
     /// The guest reported `_OST` for a memory slot.
     MemOst {
         /// Memory hotplug slot index.

@@ -146,3 +146,17 @@ pub fn hybrid_sink(sock: &Path, port: u32) -> thread::JoinHandle<()> {
         }
     })
 }
+
+/// Reads `s` to its end, after whatever was still buffered: the other side closed it (end of
+/// file, or a reset); panics on anything else, such as a read timeout.
+pub fn read_to_close(mut s: impl Read, what: &str) {
+    let mut buf = vec![0u8; 65536];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
+            Err(e) => panic!("{what}: not closed: {e}"),
+        }
+    }
+}

@@ -4,6 +4,13 @@
 //! and the main thread calls [`MmioTransport::process`] when a queue is kicked (KVM signals the
 //! queue's ioeventfd on a `QueueNotify` write, so kicks never exit to userspace) or when a host
 //! fd of the device is ready. Both run under the transport's mutex.
+//!
+//! A register write only changes transport state. What a status write asks of the device itself
+//! (a reset, which for vsock closes host connections; an activation) is recorded and carried out
+//! on the main thread by [`MmioTransport::settle`]: the write returns
+//! [`DeviceEvent::VirtioStatus`] so the event loop settles the device at once, and `process`
+//! settles first, so the device always sees the driver's steps in order. Host resources (sockets,
+//! files) are thus touched only by the thread whose seccomp filter allows it.
 
 use std::sync::Arc;
 
@@ -86,6 +93,23 @@ pub struct MmioTransport {
     interrupt_status: u32,
     /// The queues were checked against guest memory since DRIVER_OK.
     queues_checked: bool,
+    /// Device work the guest's status writes asked for, not yet done (see [`Self::settle`]).
+    pending: Pending,
+}
+
+/// Device calls a status write asked for, left to the main thread.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Pending {
+    /// The driver wrote status 0: the device must drop its state (and host connections).
+    reset: bool,
+    /// The driver set DRIVER_OK with these features: the device may start.
+    activate: Option<u64>,
+}
+
+impl Pending {
+    fn any(&self) -> bool {
+        self.reset || self.activate.is_some()
+    }
 }
 
 impl MmioTransport {
@@ -110,6 +134,7 @@ impl MmioTransport {
             status: 0,
             interrupt_status: 0,
             queues_checked: false,
+            pending: Pending::default(),
         })
     }
 
@@ -140,6 +165,7 @@ impl MmioTransport {
     /// used buffers. A device error (a queue the guest set up outside its memory, say) marks the
     /// device `DEVICE_NEEDS_RESET` and tells the driver with a configuration interrupt.
     pub fn process(&mut self, wake: Wake, mem: &GuestMemoryMmap) {
+        self.settle();
         let running = self.running();
         if running && !self.queues_checked {
             self.queues_checked = true;
@@ -188,8 +214,25 @@ impl MmioTransport {
         }
     }
 
+    /// Carries out the device calls the guest's status writes asked for, in order: a reset,
+    /// then an activation. Main thread only: a reset may close host sockets.
+    pub fn settle(&mut self) {
+        let pending = std::mem::take(&mut self.pending);
+        if pending.reset {
+            self.device.reset();
+        }
+        if let Some(features) = pending.activate {
+            self.device.activate(features);
+        }
+    }
+
+    /// Resets the transport's registers and queues; the device's own reset waits for
+    /// [`Self::settle`] (an activation asked for before it is void).
     fn reset(&mut self) {
-        self.device.reset();
+        self.pending = Pending {
+            reset: true,
+            activate: None,
+        };
         for q in &mut self.queues {
             q.reset();
         }
@@ -232,7 +275,7 @@ impl MmioTransport {
                     q.set_event_idx(event_idx);
                 }
                 self.queues_checked = false;
-                self.device.activate(self.driver_features);
+                self.pending.activate = Some(self.driver_features);
             }
         }
         // The device's own error bit stays until a reset.
@@ -354,12 +397,18 @@ impl BusDevice for MmioTransport {
     fn write(&mut self, offset: u64, data: &[u8]) -> DeviceEvent {
         // The configuration spaces minivmm offers are read-only; narrow or unaligned register
         // writes are ignored.
+        let had_pending = self.pending.any();
         if offset < reg::CONFIG && offset.is_multiple_of(4) {
             if let Ok(bytes) = <[u8; 4]>::try_from(data) {
                 self.write_register(offset, u32::from_le_bytes(bytes));
             }
         }
-        DeviceEvent::None
+        // One event per batch of pending work: the main thread settles all of it at once.
+        if self.pending.any() && !had_pending {
+            DeviceEvent::VirtioStatus
+        } else {
+            DeviceEvent::None
+        }
     }
 }
 
@@ -369,10 +418,10 @@ mod tests {
     use crate::devices::test_util::CountingTrigger;
     use vm_memory::GuestAddress;
 
-    /// A device with two queues that uses every chain it is kicked with.
+    /// A device with two queues that uses every chain it is kicked with, and records its
+    /// resets and activations in a log the test keeps.
     struct Echo {
-        activated: Option<u64>,
-        resets: usize,
+        calls: Arc<std::sync::Mutex<Vec<String>>>,
     }
 
     impl VirtioDevice for Echo {
@@ -389,10 +438,13 @@ mod tests {
             super::super::read_config_bytes(&[0xaa, 0xbb], offset, data);
         }
         fn activate(&mut self, features: u64) {
-            self.activated = Some(features);
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("activate {features:#x}"));
         }
         fn reset(&mut self) {
-            self.resets += 1;
+            self.calls.lock().unwrap().push("reset".into());
         }
         fn process(
             &mut self,
@@ -417,12 +469,64 @@ mod tests {
     }
 
     fn transport() -> (MmioTransport, Arc<CountingTrigger>) {
+        let (t, irq, _) = transport_with_log();
+        (t, irq)
+    }
+
+    type CallLog = Arc<std::sync::Mutex<Vec<String>>>;
+
+    fn transport_with_log() -> (MmioTransport, Arc<CountingTrigger>, CallLog) {
         let irq = Arc::new(CountingTrigger::default());
+        let calls = CallLog::default();
         let dev = Echo {
-            activated: None,
-            resets: 0,
+            calls: calls.clone(),
         };
-        (MmioTransport::new(Box::new(dev), irq.clone()).unwrap(), irq)
+        let t = MmioTransport::new(Box::new(dev), irq.clone()).unwrap();
+        (t, irq, calls)
+    }
+
+    /// A status write (on a vCPU thread) only records the device's reset or activation and
+    /// asks the main thread to settle; the device sees them there, in the driver's order.
+    #[test]
+    fn status_writes_leave_the_device_call_to_the_main_thread() {
+        let (mut t, _, calls) = transport_with_log();
+        let ok = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+        assert_eq!(
+            t.write(reg::STATUS, &0u32.to_le_bytes()),
+            DeviceEvent::VirtioStatus
+        );
+        assert!(calls.lock().unwrap().is_empty(), "reset on the vCPU thread");
+        t.settle();
+        assert_eq!(*calls.lock().unwrap(), ["reset"]);
+        t.settle();
+        assert_eq!(calls.lock().unwrap().len(), 1, "settled once");
+
+        // Reset, re-negotiate and start before the main thread got to it: one event, and the
+        // device sees the reset before the activation.
+        calls.lock().unwrap().clear();
+        assert_eq!(
+            t.write(reg::STATUS, &0u32.to_le_bytes()),
+            DeviceEvent::VirtioStatus
+        );
+        negotiate(&mut t, VIRTIO_F_VERSION_1);
+        assert_eq!(t.write(reg::STATUS, &ok.to_le_bytes()), DeviceEvent::None);
+        assert!(calls.lock().unwrap().is_empty());
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        t.process(Wake::Queue(0), &mem);
+        assert_eq!(*calls.lock().unwrap(), ["reset", "activate 0x100000000"]);
+
+        // An activation dropped by a reset before it was settled never reaches the device.
+        calls.lock().unwrap().clear();
+        wr(&mut t, reg::STATUS, 0);
+        t.settle();
+        negotiate(&mut t, VIRTIO_F_VERSION_1);
+        assert_eq!(
+            t.write(reg::STATUS, &ok.to_le_bytes()),
+            DeviceEvent::VirtioStatus
+        );
+        assert_eq!(t.write(reg::STATUS, &0u32.to_le_bytes()), DeviceEvent::None);
+        t.settle();
+        assert_eq!(*calls.lock().unwrap(), ["reset", "reset"]);
     }
 
     fn rd(t: &mut MmioTransport, offset: u64) -> u32 {

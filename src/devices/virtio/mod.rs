@@ -67,10 +67,14 @@ pub trait VirtioDevice: Send {
     /// The feature bits the device offers ([`VIRTIO_F_VERSION_1`] is added by the transport).
     fn features(&self) -> u64;
     /// Reads the device configuration space at `offset`; bytes past its end read as zero.
+    /// Called on a vCPU thread: pure, no host I/O.
     fn read_config(&self, offset: u64, data: &mut [u8]);
-    /// The driver set DRIVER_OK with these features: the device may start.
+    /// The driver set DRIVER_OK with these features: the device may start. Called on the main
+    /// thread, after the status write that asked for it.
     fn activate(&mut self, _features: u64) {}
-    /// The driver reset the device (status 0), or the machine is going away.
+    /// The driver reset the device (status 0). Called on the main thread, after the status
+    /// write that asked for it and before anything else reaches the device, so it may release
+    /// host resources (close sockets).
     fn reset(&mut self) {}
     /// Serves what `wake` is about; returns whether used buffers were added to any queue.
     fn process(
