@@ -9,6 +9,9 @@ set -uo pipefail
 cd "$(dirname "$(readlink -f "$0")")/.." || exit 1
 
 declare -a SUMMARY=()
+# Every failed run in the emulated test host (tests/common/mod.rs appends here), shown at the end.
+RETRIES=target/test-logs/retries.log
+mkdir -p target/test-logs && : >"$RETRIES"
 FAILED=0
 T0=$SECONDS
 
@@ -41,6 +44,10 @@ step fuzz fuzz/run.sh "${FUZZ_SECONDS:-15}"
 echo
 echo "=== run-all summary (total $((SECONDS - T0))s; logs in target/test-logs/)"
 printf '%s\n' "${SUMMARY[@]}"
+if [[ -s $RETRIES ]]; then
+	echo "=== run-all: $(wc -l <"$RETRIES") failed run(s) in the emulated test host (each retried; see the logs):"
+	sed 's/^/  RETRY /' "$RETRIES"
+fi
 if [[ $FAILED != 0 ]]; then
 	echo "=== run-all: FAILED"
 	exit 1

@@ -805,6 +805,16 @@ fn run_emulated(name: &str, l1_timeout: Duration) {
             }
             return;
         };
+        record_retry(&format!(
+            "{name}: run {attempt} of {L1_ATTEMPTS}: {}: {problem} (log {})",
+            FaultKind::of(status.is_none() && froze, &text),
+            if attempt < L1_ATTEMPTS {
+                attempt_log(attempt)
+            } else {
+                log_path.clone()
+            }
+            .display()
+        ));
         if attempt < L1_ATTEMPTS {
             say(&format!(
                 "[emulated] {name}: WARNING: {problem}; running the test again in a fresh test \
@@ -827,6 +837,71 @@ fn run_emulated(name: &str, l1_timeout: Duration) {
             log_path.display(),
             tail(&text, TAIL_LINES * 2)
         );
+    }
+}
+
+/// What a failed emulated test-host run ran into, read from its console.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultKind {
+    /// The emulated host itself stopped (silence or an L1 soft lockup).
+    L1Freeze,
+    /// The guest triple-faulted (minivmm's log names it; a test that did not ask for one).
+    L2TripleFault,
+    /// The guest kernel reported an RCU stall.
+    L2RcuStall,
+    /// The guest stopped answering its console (a command or boot timed out).
+    ConsoleStop,
+    /// Anything else: an assertion of the test itself, most likely a real failure.
+    TestFailure,
+}
+
+impl FaultKind {
+    /// Classifies a failed run from whether the harness killed a silent L1 and its console.
+    pub fn of(froze: bool, console: &str) -> FaultKind {
+        let panics = inner_panics(console);
+        if froze {
+            FaultKind::L1Freeze
+        } else if console.contains("rcu_sched self-detected stall")
+            || console.contains("rcu: INFO: rcu_sched detected stall")
+            || console.contains("rcu_preempt detected stall")
+        {
+            FaultKind::L2RcuStall
+        } else if console.contains("a triple fault") {
+            FaultKind::L2TripleFault
+        } else if panics.contains("timed out after")
+            || panics.contains("did not echo a marker")
+            || panics.contains("did not exit within")
+        {
+            FaultKind::ConsoleStop
+        } else {
+            FaultKind::TestFailure
+        }
+    }
+}
+
+impl std::fmt::Display for FaultKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FaultKind::L1Freeze => "L1 freeze",
+            FaultKind::L2TripleFault => "L2 triple fault",
+            FaultKind::L2RcuStall => "L2 RCU stall",
+            FaultKind::ConsoleStop => "console stop",
+            FaultKind::TestFailure => "test failure",
+        })
+    }
+}
+
+/// Appends one line to `retries.log` in the log directory, which `tests/run-all.sh` prints at the
+/// end of the run: every failed emulated run, so each FLAKY pass can be looked into.
+fn record_retry(line: &str) {
+    let path = log_dir().join("retries.log");
+    let written = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| writeln!(f, "{line}"));
+    if let Err(e) = written {
+        say(&format!("cannot append to {}: {e}", path.display()));
     }
 }
 

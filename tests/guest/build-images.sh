@@ -39,9 +39,11 @@ need() {
 }
 
 # Modules the L1 initramfs loads, in load order (busybox insmod does not resolve dependencies).
-# vsock .. vhost_vsock give L1 /dev/vhost-vsock, for QEMU's vhost-vsock device in tests/virtio_bench.rs.
+# vsock .. vhost_vsock give L1 /dev/vhost-vsock, for QEMU's vhost-vsock device in tests/virtio_bench.rs;
+# failover .. virtio_net the NIC through which tests/demo.sh forwards the control socket.
 L1_MODULES=(irqbypass ccp kvm kvm-amd virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
-	9pnet 9pnet_virtio netfs fscache 9p vsock vmw_vsock_virtio_transport_common vhost_iotlb vhost vhost_vsock)
+	9pnet 9pnet_virtio netfs fscache 9p vsock vmw_vsock_virtio_transport_common vhost_iotlb vhost vhost_vsock
+	failover net_failover virtio_net)
 # Modules the L2 test guest loads at boot, in load order: the devices minivmm offers that the Debian kernel
 # builds as modules (pvpanic through ACPI QEMU0001).
 L2_MODULES=(pvpanic pvpanic-mmio virtio_ring virtio virtio_mmio virtio_blk vsock vmw_vsock_virtio_transport_common
