@@ -625,8 +625,112 @@ fn l1_qemu() -> String {
 /// Runs test `name` of this executable inside a fresh emulated test host and fails unless it passed there
 /// (at most [`L1_ATTEMPTS`] runs, see [`run_in_test_host`]).
 fn run_emulated(name: &str, l1_timeout: Duration) {
-    let imgs = images();
     let _lock = l1_lock();
+    let mut failed_logs = Vec::new();
+    for attempt in 1..=L1_ATTEMPTS {
+        let run = l1_run(name, l1_timeout);
+        let Some(problem) = run.problem() else {
+            if attempt > 1 {
+                say(&format!(
+                    "[emulated] {name}: FLAKY: failed in the emulated test host, passed on run \
+                     {attempt} of {L1_ATTEMPTS} (earlier runs' logs: {})",
+                    failed_logs.join(", ")
+                ));
+            }
+            return;
+        };
+        let log = if attempt < L1_ATTEMPTS {
+            let kept = run.log_path.with_extension(format!("attempt{attempt}.log"));
+            let _ = fs::rename(&run.log_path, &kept);
+            kept
+        } else {
+            run.log_path.clone()
+        };
+        failed_logs.push(log.display().to_string());
+        record_retry(&format!(
+            "{name}: run {attempt} of {L1_ATTEMPTS}: {}: {problem} (log {})",
+            run.fault(),
+            log.display()
+        ));
+        if attempt < L1_ATTEMPTS {
+            say(&format!(
+                "[emulated] {name}: WARNING: {problem}; running the test again in a fresh test \
+                 host, run {} of at most {L1_ATTEMPTS} (nested SVM under TCG has rare faults of its \
+                 own; failing every run fails the test)\n--- inner test failure ---\n{}\n\
+                 --- L1 console (tail) ---\n{}",
+                attempt + 1,
+                inner_panics(&run.console),
+                tail(&run.console, 15)
+            ));
+            continue;
+        }
+        panic!(
+            "{problem} (run {attempt} of {L1_ATTEMPTS}, every one failed)\n--- inner test failure ---\n{}\n--- qemu: {}; stderr (tail) ---\n{}\n\
+             --- L1 console (tail; full log {}) ---\n{}\n",
+            inner_panics(&run.console),
+            run.status.map_or("killed".to_string(), |s| s.to_string()),
+            tail(&run.qemu_stderr, 10),
+            run.log_path.display(),
+            tail(&run.console, TAIL_LINES * 2)
+        );
+    }
+}
+
+/// How one emulated test-host run ended.
+pub struct L1Run {
+    /// QEMU's exit status; `None` when the harness killed it (a freeze or the time limit).
+    pub status: Option<ExitStatus>,
+    /// The harness killed a silent (or soft-locked) host.
+    pub froze: bool,
+    /// The run's time limit.
+    pub timeout: Duration,
+    /// The L1 console (the inner test's output included).
+    pub console: String,
+    /// QEMU's own stderr.
+    pub qemu_stderr: String,
+    /// The stamped console log.
+    pub log_path: PathBuf,
+}
+
+impl L1Run {
+    /// Why the run failed, or `None` if the inner test passed.
+    pub fn problem(&self) -> Option<String> {
+        match (self.status, parse_l1_result(&self.console)) {
+            (None, _) if self.froze => Some(format!(
+                "the emulated test host froze (an L1 soft lockup, or no console output for {}s; \
+                 killed)",
+                L1_SILENCE_LIMIT.as_secs()
+            )),
+            (None, _) => Some(format!(
+                "the emulated test host timed out after {}s (killed)",
+                self.timeout.as_secs()
+            )),
+            (_, None) => Some("the emulated test host exited without a result marker".to_string()),
+            (_, Some(0)) => None,
+            (_, Some(rc)) => Some(format!(
+                "the test failed inside the emulated test host (exit code {rc})"
+            )),
+        }
+    }
+
+    /// What a failed run ran into.
+    pub fn fault(&self) -> FaultKind {
+        FaultKind::of(self.status.is_none() && self.froze, &self.console)
+    }
+}
+
+/// Runs test `name` of this executable once inside a fresh emulated test host, without retries
+/// (for tools that count the emulated host's faults themselves).
+pub fn run_emulated_once(name: &str, l1_timeout: Duration) -> L1Run {
+    let _lock = l1_lock();
+    l1_run(name, l1_timeout)
+}
+
+/// Runs test `name` of this executable once inside a fresh emulated test host (the caller holds
+/// the L1 lock). Environment variables `MINIVMM_BENCH_*`, `MINIVMM_SOAK_*` and `MINIVMM_FAULTS_*`
+/// reach the inner run.
+fn l1_run(name: &str, l1_timeout: Duration) -> L1Run {
+    let imgs = images();
     let logs = log_dir();
     let exe = std::env::current_exe().unwrap_or_else(|e| panic!("current_exe: {e}"));
     let script_path = logs.join(format!("{name}.l1.sh"));
@@ -658,10 +762,12 @@ fn run_emulated(name: &str, l1_timeout: Duration) {
             let _ = writeln!(script, "export {var}={}", shell_quote(&v));
         }
     }
-    // Benchmark and soak settings (tests/latency.rs, the resize soak) reach the inner run too.
-    for (var, v) in std::env::vars()
-        .filter(|(k, _)| k.starts_with("MINIVMM_BENCH_") || k.starts_with("MINIVMM_SOAK_"))
-    {
+    // Benchmark, soak and fault-counter settings reach the inner run too.
+    for (var, v) in std::env::vars().filter(|(k, _)| {
+        ["MINIVMM_BENCH_", "MINIVMM_SOAK_", "MINIVMM_FAULTS_"]
+            .iter()
+            .any(|prefix| k.starts_with(prefix))
+    }) {
         let _ = writeln!(script, "export {var}={}", shell_quote(&v));
     }
     let _ = writeln!(
@@ -680,163 +786,106 @@ fn run_emulated(name: &str, l1_timeout: Duration) {
         l1_kvm_amd_params()
     );
     let (qemu, accel, smp) = (l1_qemu(), format!("tcg,{}", l1_tcg()), l1_smp());
-    let attempt_log = |n: u32| log_path.with_extension(format!("attempt{n}.log"));
-    for attempt in 1..=L1_ATTEMPTS {
-        let start = Instant::now();
-        let mut child = Command::new(&qemu)
-            .args(["-accel", &accel])
-            .args(["-machine", "q35", "-cpu", "EPYC"])
-            .args(["-smp", &smp])
-            .args([
-                "-m",
-                "4G",
-                "-nographic",
-                "-no-reboot",
-                "-nodefaults",
-                "-serial",
-                "stdio",
-            ])
-            .arg("-kernel")
-            .arg(&imgs.bzimage)
-            .arg("-initrd")
-            .arg(&imgs.l1_initramfs)
-            .arg("-append")
-            .arg(&append)
-            .args([
-                "-virtfs",
-                "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {qemu}: {e}"));
-        let log = File::create(&log_path)
-            .unwrap_or_else(|e| panic!("create {}: {e}", log_path.display()));
-        let console = Arc::new(Collected::default());
-        let qemu_err = Arc::new(Collected::default());
-        let readers = [
-            spawn_reader(
-                child.stdout.take().expect("piped stdout"),
-                console.clone(),
-                Some(log),
-                start,
-            ),
-            spawn_reader(
-                child.stderr.take().expect("piped stderr"),
-                qemu_err.clone(),
-                None,
-                start,
-            ),
-        ];
+    let start = Instant::now();
+    let mut child = Command::new(&qemu)
+        .args(["-accel", &accel])
+        .args(["-machine", "q35", "-cpu", "EPYC"])
+        .args(["-smp", &smp])
+        .args([
+            "-m",
+            "4G",
+            "-nographic",
+            "-no-reboot",
+            "-nodefaults",
+            "-serial",
+            "stdio",
+        ])
+        .arg("-kernel")
+        .arg(&imgs.bzimage)
+        .arg("-initrd")
+        .arg(&imgs.l1_initramfs)
+        .arg("-append")
+        .arg(&append)
+        .args([
+            "-virtfs",
+            "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {qemu}: {e}"));
+    let log =
+        File::create(&log_path).unwrap_or_else(|e| panic!("create {}: {e}", log_path.display()));
+    let console = Arc::new(Collected::default());
+    let qemu_err = Arc::new(Collected::default());
+    let readers = [
+        spawn_reader(
+            child.stdout.take().expect("piped stdout"),
+            console.clone(),
+            Some(log),
+            start,
+        ),
+        spawn_reader(
+            child.stderr.take().expect("piped stderr"),
+            qemu_err.clone(),
+            None,
+            start,
+        ),
+    ];
 
-        let deadline = start + l1_timeout;
-        let (mut seen, mut last_output) = (0, Instant::now());
-        let (mut froze, mut lockup) = (false, false);
-        let status = loop {
-            match child.try_wait() {
-                Ok(Some(st)) => break Some(st),
-                Ok(None) if Instant::now() >= deadline || froze => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break None;
+    let deadline = start + l1_timeout;
+    let (mut seen, mut last_output) = (0, Instant::now());
+    let (mut froze, mut lockup) = (false, false);
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break Some(st),
+            Ok(None) if Instant::now() >= deadline || froze => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            Ok(None) => {
+                thread::sleep(Duration::from_millis(100));
+                if console.len() != seen {
+                    (seen, last_output) = (console.len(), Instant::now());
+                    // An L1 soft lockup keeps printing, so it is not silence; it is a frozen
+                    // host all the same (seen: "soft lockup - CPU#1 stuck [swapper/1:0]" as a
+                    // VM started).
+                    lockup = console.text().contains("BUG: soft lockup");
                 }
-                Ok(None) => {
-                    thread::sleep(Duration::from_millis(100));
-                    if console.len() != seen {
-                        (seen, last_output) = (console.len(), Instant::now());
-                        // An L1 soft lockup keeps printing, so it is not silence; it is a frozen
-                        // host all the same (seen: "soft lockup - CPU#1 stuck [swapper/1:0]" as a
-                        // VM started).
-                        lockup = console.text().contains("BUG: soft lockup");
-                    }
-                    froze = last_output.elapsed() >= L1_SILENCE_LIMIT || lockup;
-                }
-                Err(e) => panic!("waiting for qemu: {e}"),
+                froze = last_output.elapsed() >= L1_SILENCE_LIMIT || lockup;
             }
-        };
-        for r in readers {
-            let _ = r.join();
+            Err(e) => panic!("waiting for qemu: {e}"),
         }
-        let elapsed = start.elapsed().as_secs_f64();
-        let text = console.text();
-        let log_text = fs::read_to_string(&log_path).unwrap_or_default();
-        let step_at = |step: &str| {
-            let line = log_text
-                .lines()
-                .find(|l| l.contains(L1_STEP_MARKER) && l.contains(step))?;
-            stamp_of(line, L1_STEP_MARKER).map(|t| format!("{t:.1}s"))
-        };
-        say(&format!(
-            "[emulated] {name}: L1 run {elapsed:.1}s; /init at {}, test started at {}, finished at {} \
-             (host time since QEMU start); log {}",
-            step_at(" init").unwrap_or_else(|| "-".into()),
-            step_at(" running ").unwrap_or_else(|| "-".into()),
-            step_at(" command finished").unwrap_or_else(|| "-".into()),
-            log_path.display()
-        ));
-        let result = parse_l1_result(&text);
-        let problem = match (status, result) {
-            (None, _) if froze => Some(format!(
-                "the emulated test host froze (an L1 soft lockup, or no console output for {}s; \
-                 killed)",
-                L1_SILENCE_LIMIT.as_secs()
-            )),
-            (None, _) => Some(format!(
-                "the emulated test host timed out after {}s (killed)",
-                l1_timeout.as_secs()
-            )),
-            (_, None) => Some("the emulated test host exited without a result marker".to_string()),
-            (_, Some(0)) => None,
-            (_, Some(rc)) => Some(format!(
-                "the test failed inside the emulated test host (exit code {rc})"
-            )),
-        };
-        let Some(problem) = problem else {
-            if attempt > 1 {
-                let earlier: Vec<String> = (1..attempt)
-                    .map(|n| attempt_log(n).display().to_string())
-                    .collect();
-                say(&format!(
-                    "[emulated] {name}: FLAKY: failed in the emulated test host, passed on run \
-                     {attempt} of {L1_ATTEMPTS} (earlier runs' logs: {})",
-                    earlier.join(", ")
-                ));
-            }
-            return;
-        };
-        record_retry(&format!(
-            "{name}: run {attempt} of {L1_ATTEMPTS}: {}: {problem} (log {})",
-            FaultKind::of(status.is_none() && froze, &text),
-            if attempt < L1_ATTEMPTS {
-                attempt_log(attempt)
-            } else {
-                log_path.clone()
-            }
-            .display()
-        ));
-        if attempt < L1_ATTEMPTS {
-            say(&format!(
-                "[emulated] {name}: WARNING: {problem}; running the test again in a fresh test \
-                 host, run {} of at most {L1_ATTEMPTS} (nested SVM under TCG has rare faults of its \
-                 own; failing every run fails the test)\n--- inner test failure ---\n{}\n\
-                 --- L1 console (tail) ---\n{}",
-                attempt + 1,
-                inner_panics(&text),
-                tail(&text, 15)
-            ));
-            let _ = fs::rename(&log_path, attempt_log(attempt));
-            continue;
-        }
-        panic!(
-            "{problem} (run {attempt} of {L1_ATTEMPTS}, every one failed)\n--- inner test failure ---\n{}\n--- qemu: {}; stderr (tail) ---\n{}\n\
-             --- L1 console (tail; full log {}) ---\n{}\n",
-            inner_panics(&text),
-            status.map_or("killed".to_string(), |s| s.to_string()),
-            tail(&qemu_err.text(), 10),
-            log_path.display(),
-            tail(&text, TAIL_LINES * 2)
-        );
+    };
+    for r in readers {
+        let _ = r.join();
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let text = console.text();
+    let log_text = fs::read_to_string(&log_path).unwrap_or_default();
+    let step_at = |step: &str| {
+        let line = log_text
+            .lines()
+            .find(|l| l.contains(L1_STEP_MARKER) && l.contains(step))?;
+        stamp_of(line, L1_STEP_MARKER).map(|t| format!("{t:.1}s"))
+    };
+    say(&format!(
+        "[emulated] {name}: L1 run {elapsed:.1}s; /init at {}, test started at {}, finished at {} \
+         (host time since QEMU start); log {}",
+        step_at(" init").unwrap_or_else(|| "-".into()),
+        step_at(" running ").unwrap_or_else(|| "-".into()),
+        step_at(" command finished").unwrap_or_else(|| "-".into()),
+        log_path.display()
+    ));
+    L1Run {
+        status,
+        froze,
+        timeout: l1_timeout,
+        console: text,
+        qemu_stderr: qemu_err.text(),
+        log_path,
     }
 }
 
