@@ -60,15 +60,23 @@ fn format_plan(plan: &[(String, u32)]) -> String {
         .join(",")
 }
 
-/// A guest for `op`: 2 boot vCPUs; a reboot operation boots with its `reboot=` path.
+/// A guest for `op`: 2 boot vCPUs; a reboot operation boots with its `reboot=` path. The boot
+/// is announced as `boot (setup)`, so a fault in it is told from one of the operation's.
 fn guest_for(op: &str) -> Vm {
+    if op != "boot" {
+        say(&format!("{BEGIN}boot (setup)"));
+    }
     let mut opts = VmOptions::bzimage().cpus("boot=2,max=2");
     match op.strip_prefix("reboot-") {
         // The kernel's default on this machine (no `reboot=`): efi, then bios, through real mode.
         Some("efi") | None => {}
         Some(path) => opts = opts.cmdline_add(&format!("reboot={path}")),
     }
-    Vm::boot(opts)
+    let vm = Vm::boot(opts);
+    if op != "boot" {
+        say(&format!("{DONE}boot (setup)"));
+    }
+    vm
 }
 
 /// The inner run: carries out the plan, announcing each operation before and after it.
@@ -170,13 +178,23 @@ fn fault_counter() {
     let mut done: BTreeMap<String, u32> = BTreeMap::new();
     let mut faults: Vec<(String, FaultKind, String)> = Vec::new();
     let started = std::time::Instant::now();
+    let mut idle_runs = 0;
     for run in 1..=max_runs {
         if left.iter().all(|(_, n)| *n == 0) {
+            break;
+        }
+        if idle_runs >= 2 {
+            say("[faults] two emulated hosts in a row did nothing: stopping");
             break;
         }
         std::env::set_var("MINIVMM_FAULTS_PLAN", format_plan(&left));
         let l1 = run_emulated_once("fault_counter", L1_LIMIT);
         let (now_done, open) = progress(&l1.console);
+        if now_done.is_empty() && open.is_none() {
+            idle_runs += 1;
+        } else {
+            idle_runs = 0;
+        }
         for (op, n) in &mut left {
             let k = now_done.get(op.as_str()).copied().unwrap_or(0);
             *n = n.saturating_sub(k);
@@ -184,7 +202,9 @@ fn fault_counter() {
         }
         if let Some(problem) = l1.problem() {
             let op = open.unwrap_or_else(|| "(between operations)".to_string());
-            let kept = l1.log_path.with_extension(format!("run{run}.log"));
+            let kept = l1
+                .log_path
+                .with_extension(format!("{}.run{run}.log", std::process::id()));
             let _ = std::fs::rename(&l1.log_path, &kept);
             say(&format!(
                 "[faults] run {run}: {op}: {}: {problem} (log {})",
@@ -204,7 +224,8 @@ fn fault_counter() {
         format_plan(&plan),
         tool_versions()
     );
-    for (op, planned) in &plan {
+    let setup = ("boot (setup)".to_string(), 0);
+    for (op, planned) in plan.iter().chain([&setup]) {
         let ok = done.get(op).copied().unwrap_or(0);
         let mut kinds: BTreeMap<String, u32> = BTreeMap::new();
         for (o, kind, _) in &faults {

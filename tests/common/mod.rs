@@ -715,7 +715,11 @@ impl L1Run {
 
     /// What a failed run ran into.
     pub fn fault(&self) -> FaultKind {
-        FaultKind::of(self.status.is_none() && self.froze, &self.console)
+        FaultKind::of(
+            self.status.is_none() && self.froze,
+            self.status.is_some(),
+            &self.console,
+        )
     }
 }
 
@@ -790,6 +794,9 @@ fn l1_run(name: &str, l1_timeout: Duration) -> L1Run {
     let mut child = Command::new(&qemu)
         .args(["-accel", &accel])
         .args(["-machine", "q35", "-cpu", "EPYC"])
+        // Firmware (SeaBIOS, option ROMs) from Debian's QEMU packages, also for a QEMU built
+        // elsewhere (tests/guest/build-qemu.sh).
+        .args(["-L", "/usr/share/qemu", "-L", "/usr/share/seabios"])
         .args(["-smp", &smp])
         .args([
             "-m",
@@ -894,6 +901,8 @@ fn l1_run(name: &str, l1_timeout: Duration) -> L1Run {
 pub enum FaultKind {
     /// The emulated host itself stopped (silence or an L1 soft lockup).
     L1Freeze,
+    /// The emulated host's kernel died (QEMU exited without the result marker: an L1 panic).
+    L1Crash,
     /// The guest triple-faulted (minivmm's log names it; a test that did not ask for one).
     L2TripleFault,
     /// The guest kernel reported an RCU stall.
@@ -905,11 +914,14 @@ pub enum FaultKind {
 }
 
 impl FaultKind {
-    /// Classifies a failed run from whether the harness killed a silent L1 and its console.
-    pub fn of(froze: bool, console: &str) -> FaultKind {
+    /// Classifies a failed run from whether the harness killed a silent L1, whether QEMU exited,
+    /// and its console.
+    pub fn of(froze: bool, exited: bool, console: &str) -> FaultKind {
         let panics = inner_panics(console);
         if froze {
             FaultKind::L1Freeze
+        } else if exited && parse_l1_result(console).is_none() {
+            FaultKind::L1Crash
         } else if console.contains("rcu_sched self-detected stall")
             || console.contains("rcu: INFO: rcu_sched detected stall")
             || console.contains("rcu_preempt detected stall")
@@ -932,6 +944,7 @@ impl std::fmt::Display for FaultKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             FaultKind::L1Freeze => "L1 freeze",
+            FaultKind::L1Crash => "L1 crash",
             FaultKind::L2TripleFault => "L2 triple fault",
             FaultKind::L2RcuStall => "L2 RCU stall",
             FaultKind::ConsoleStop => "console stop",
