@@ -34,7 +34,7 @@
 
 use std::path::PathBuf;
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -223,7 +223,7 @@ impl VmBuilder {
             Ok(Ok(())) => Ok(VmHandle {
                 tx,
                 wake,
-                thread: Some(thread),
+                outcome: Mutex::new(Outcome::Running(thread)),
             }),
             Ok(Err(e)) => {
                 let _ = thread.join();
@@ -237,13 +237,20 @@ impl VmBuilder {
     }
 }
 
-/// A running VM. Every call may come from any thread (the handle is `Send + Sync`); each is
+/// A running VM. Every call may come from any thread (the handle is `Send + Sync`, so one
+/// `Arc<VmHandle>` serves a thread that waits and others that resize or shut down); each is
 /// answered by the VM thread's event loop, between guest exits, like a control-pipe request.
 /// Dropping the handle without [`VmHandle::wait`] shuts the VM down and waits for it.
 pub struct VmHandle {
     tx: Sender<Command>,
     wake: Arc<EventFd>,
-    thread: Option<JoinHandle<Result<Exit, Error>>>,
+    outcome: Mutex<Outcome>,
+}
+
+/// The VM thread until it is joined, then how it ended.
+enum Outcome {
+    Running(JoinHandle<Result<Exit, Error>>),
+    Ended(Option<Exit>),
 }
 
 impl VmHandle {
@@ -295,20 +302,29 @@ impl VmHandle {
         rx
     }
 
-    /// Waits until the VM stops and returns how.
-    pub fn wait(mut self) -> Result<Exit, Error> {
-        match self.thread.take() {
-            Some(t) => t.join().map_err(|_| Error::Stopped)?,
-            None => Err(Error::Stopped),
-        }
+    /// Waits until the VM stops and returns how. Any thread may wait, also while others use
+    /// the handle; every later call returns the same [`Exit`] (or [`Error::Stopped`] when the
+    /// first one returned the VM's error).
+    pub fn wait(&self) -> Result<Exit, Error> {
+        let mut outcome = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        let ended = match std::mem::replace(&mut *outcome, Outcome::Ended(None)) {
+            Outcome::Ended(exit) => {
+                *outcome = Outcome::Ended(exit.clone());
+                return exit.ok_or(Error::Stopped);
+            }
+            Outcome::Running(thread) => thread.join().map_err(|_| Error::Stopped)?,
+        };
+        *outcome = Outcome::Ended(ended.as_ref().ok().cloned());
+        ended
     }
 }
 
 impl Drop for VmHandle {
     fn drop(&mut self) {
-        if let Some(t) = self.thread.take() {
+        let outcome = self.outcome.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Outcome::Running(_) = outcome {
             let _ = self.shutdown();
-            let _ = t.join();
+            let _ = self.wait();
         }
     }
 }

@@ -29,12 +29,13 @@ impl Vcpus {
     }
 
     /// Runs `fd` as vCPU `id` (a fd the caller created, e.g. the boot vCPU with its registers).
-    /// `id` must be below `max` (the VMM only plans such indices); otherwise `fd` is dropped.
+    /// An `id` at or above `max` is an error (the VMM only plans indices below it).
     pub(crate) fn run(&mut self, id: u32, fd: VcpuFd, ctx: &VcpuContext) -> Result<(), VcpuError> {
-        let Some(slot) = self.slots.get_mut(id as usize) else {
-            log::error!("no vCPU slot {id}");
-            return Ok(());
-        };
+        let max = self.max;
+        let slot = self
+            .slots
+            .get_mut(id as usize)
+            .ok_or(VcpuError::OutOfRange(id, max))?;
         slot.thread = Some(VcpuThread::spawn(id, fd, ctx.clone())?);
         Ok(())
     }

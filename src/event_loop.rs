@@ -52,8 +52,8 @@ const CONTROL_BASE: u64 = 1 << 32;
 const VSOCK_BASE: u64 = 1 << 31;
 /// Kick tokens: `KICK_BASE + device * KICK_QUEUES + queue`.
 const KICK_BASE: u64 = 1 << 16;
-/// Room for queues per device in a kick token.
-const KICK_QUEUES: u64 = 8;
+/// Room for queues per device in a kick token (a device with more cannot be registered).
+const KICK_QUEUES: u64 = 1 << 8;
 
 impl Token {
     fn to_u64(self) -> u64 {
@@ -65,9 +65,7 @@ impl Token {
             Token::Timeout => 5,
             Token::Commands => 6,
             Token::Control(t) => CONTROL_BASE + t,
-            Token::Kick { device, queue } => {
-                KICK_BASE + device as u64 * KICK_QUEUES + (queue as u64 % KICK_QUEUES)
-            }
+            Token::Kick { device, queue } => KICK_BASE + device as u64 * KICK_QUEUES + queue as u64,
             Token::Vsock(t) => VSOCK_BASE + t,
         }
     }
@@ -103,6 +101,16 @@ pub enum EventLoopError {
     /// The `--timeout` timer could not be set up.
     #[error("--timeout: cannot arm a timerfd: {0}")]
     Timer(#[source] std::io::Error),
+    /// A virtio device has more queues than a kick token has room for.
+    #[error(
+        "virtio device {device}: queue {queue} is past the event loop's {KICK_QUEUES} per device"
+    )]
+    TooManyQueues {
+        /// virtio device index.
+        device: usize,
+        /// Queue index.
+        queue: usize,
+    },
 }
 
 /// The `--timeout` limit: a timerfd armed when minivmm starts.
@@ -348,6 +356,9 @@ pub(crate) fn run(vmm: &mut Vmm, mut sources: Sources) -> Result<Exit, EventLoop
         if vmm.boot_count() != kicks_of_boot {
             kicks_of_boot = vmm.boot_count();
             for (fd, device, queue) in vmm.virtio_kick_fds() {
+                if queue as u64 >= KICK_QUEUES {
+                    return Err(EventLoopError::TooManyQueues { device, queue });
+                }
                 add(fd, Token::Kick { device, queue })?;
             }
         }
@@ -547,5 +558,42 @@ impl Ctx<'_> {
                 Ok(None)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod token_tests {
+    use super::*;
+
+    #[test]
+    fn every_token_round_trips() {
+        let tokens = [
+            Token::Stdin,
+            Token::InputRoom,
+            Token::VcpuEvents,
+            Token::Signal,
+            Token::Timeout,
+            Token::Commands,
+            Token::Control(0),
+            Token::Control(12345),
+            Token::Kick {
+                device: 0,
+                queue: 0,
+            },
+            Token::Kick {
+                device: 3,
+                queue: 8,
+            },
+            Token::Kick {
+                device: 15,
+                queue: (KICK_QUEUES - 1) as usize,
+            },
+            Token::Vsock(0),
+            Token::Vsock((1 << 31) - 1),
+        ];
+        for t in tokens {
+            assert_eq!(Token::from_u64(t.to_u64()), Some(t), "{t:?}");
+        }
+        assert_eq!(Token::from_u64(0), None);
     }
 }

@@ -30,6 +30,9 @@ pub enum VcpuError {
     /// The thread ended abnormally and its vCPU fd is lost.
     #[error("the thread of vCPU {0} panicked")]
     Join(u32),
+    /// A vCPU index at or above the VM's maximum (a bug in the caller's plan).
+    #[error("vCPU {0} is out of range (the maximum is {1})")]
+    OutOfRange(u32, u32),
 }
 
 /// What a vCPU thread tells the main thread.

@@ -129,8 +129,13 @@ fn a_vm_driven_through_the_api_from_another_thread() {
             reason: "poweroff"
         }
     );
-    let vm = Arc::into_inner(vm).expect("the only handle");
-    assert_eq!(vm.wait().expect("outcome"), Exit::PowerOff);
+    // Any holder of the shared handle waits; every wait tells the same outcome.
+    let waiter = {
+        let vm = vm.clone();
+        std::thread::spawn(move || vm.wait().expect("outcome"))
+    };
+    assert_eq!(waiter.join().expect("waiter"), Exit::PowerOff);
+    assert_eq!(vm.wait().expect("outcome again"), Exit::PowerOff);
     assert_eq!(
         String::from_utf8_lossy(&console.0.lock().unwrap()),
         "hi\nhi\n",
