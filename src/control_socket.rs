@@ -59,7 +59,7 @@ struct Conn {
     eof: bool,
     /// The client sent `watch`: event lines are queued for it.
     watching: bool,
-    /// When the client last sent something (or connected).
+    /// When the client last completed a request (or connected).
     last_active: Instant,
 }
 
@@ -316,7 +316,8 @@ impl ControlServer {
             .clients
             .iter()
             .filter(|(_, c)| !c.watching)
-            .min_by_key(|(_, c)| c.last_active)
+            // The older connection (lower token) on a tie.
+            .min_by_key(|(t, c)| (c.last_active, **t))
             .map(|(t, _)| *t);
         let Some(token) = quietest else {
             return false;
@@ -394,8 +395,10 @@ fn serve(conn: &mut Conn, target: &mut dyn ControlTarget) {
     match conn.input.read(&mut buf) {
         Ok(0) => conn.eof = true,
         Ok(n) => {
-            conn.last_active = Instant::now();
+            // Activity is a whole request: bytes that never complete a line (a slowloris client)
+            // do not keep a connection from being the quietest.
             for line in conn.lines.push(&buf[..n]) {
+                conn.last_active = Instant::now();
                 let reply = handle(&line, target);
                 conn.pending.extend_from_slice(reply.line.as_bytes());
                 conn.watching |= reply.subscribe;

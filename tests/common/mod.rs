@@ -385,34 +385,56 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 // The emulated test host (L1)
 // ------------------------------------------------------------------------------------------------------
 
-/// Serializes L1 runs: one per process (mutex) and one per machine (lock file), as QEMU TCG needs the cores.
+/// Bounds the emulated test hosts running at once on this machine to [`l1_parallel`] (QEMU TCG
+/// needs the cores): one lock file per slot, held while a host runs, shared by every thread and
+/// test process.
 struct L1Lock {
-    _guard: MutexGuard<'static, ()>,
     _file: File,
 }
 
+/// How many emulated test hosts may run at once: `$MINIVMM_TEST_L1_PARALLEL`, by default 1.
+pub fn l1_parallel() -> u32 {
+    env_or("MINIVMM_TEST_L1_PARALLEL", 1u32).max(1)
+}
+
 fn l1_lock() -> L1Lock {
-    static PROCESS: Mutex<()> = Mutex::new(());
-    let guard = lock(&PROCESS);
-    let path = log_dir().join("l1.lock");
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
-    // SAFETY: flock on a file descriptor we own; it only blocks until the lock is free and touches no memory.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
-    assert_eq!(
-        rc,
-        0,
-        "flock {}: {}",
-        path.display(),
-        std::io::Error::last_os_error()
-    );
-    L1Lock {
-        _guard: guard,
-        _file: file,
+    let slots = l1_parallel();
+    let files: Vec<(PathBuf, File)> = (0..slots)
+        .map(|i| {
+            // Slot 0 keeps the old name, so runs with different settings still exclude each other.
+            let path = log_dir().join(if i == 0 {
+                "l1.lock".to_string()
+            } else {
+                format!("l1.lock.{i}")
+            });
+            let file = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
+            (path, file)
+        })
+        .collect();
+    loop {
+        for (path, file) in &files {
+            // SAFETY: flock on a file descriptor we own; it touches no memory.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if rc == 0 {
+                let file = file
+                    .try_clone()
+                    .unwrap_or_else(|e| panic!("dup {}: {e}", path.display()));
+                return L1Lock { _file: file };
+            }
+            let e = std::io::Error::last_os_error();
+            assert_eq!(
+                e.raw_os_error(),
+                Some(libc::EWOULDBLOCK),
+                "flock {}: {e}",
+                path.display()
+            );
+        }
+        thread::sleep(Duration::from_millis(200));
     }
 }
 
