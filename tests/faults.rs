@@ -139,18 +139,7 @@ fn progress(console: &str) -> (BTreeMap<String, u32>, Option<String>) {
 }
 
 fn tool_versions() -> String {
-    let qemu = std::env::var("MINIVMM_TEST_L1_QEMU").unwrap_or("qemu-system-x86_64".into());
-    let version = std::process::Command::new(&qemu)
-        .arg("--version")
-        .output()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .unwrap_or("")
-                .to_string()
-        })
-        .unwrap_or_else(|e| format!("{qemu}: {e}"));
+    let version = common::qemu_version(&common::l1_qemu());
     let commit = std::process::Command::new("git")
         .args(["describe", "--always", "--dirty"])
         .output()

@@ -29,7 +29,6 @@ use std::fs::File;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -309,20 +308,6 @@ fn mib_per_s(mib: u64, secs: f64) -> f64 {
     mib as f64 / secs.max(0.01)
 }
 
-fn qemu_version() -> String {
-    Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .unwrap_or("")
-                .to_string()
-        })
-        .unwrap_or_else(|e| format!("unknown ({e})"))
-}
-
 /// Prints the table: per VMM `min / median / max`, and the median of the per-round ratios.
 fn table(title: &str, rows: &[(&str, Vec<f64>, Vec<f64>)]) {
     println!();
@@ -401,7 +386,7 @@ fn disk_throughput_against_qemu() {
         let rounds = rounds();
         println!(
             "virtio-blk throughput: {rounds} rounds, {DISK_MIB} MiB image on tmpfs; {}",
-            qemu_version()
+            common::qemu_version("qemu-system-x86_64")
         );
         let dir = TempDir::new().unwrap();
         let (mut ours, mut theirs) = (Vec::new(), Vec::new());
@@ -418,7 +403,10 @@ fn disk_throughput_against_qemu() {
         }
         let col = |v: &[DiskSample], f: fn(&DiskSample) -> f64| v.iter().map(f).collect();
         table(
-            &format!("virtio-blk, {rounds} rounds (QEMU: {})", qemu_version()),
+            &format!(
+                "virtio-blk, {rounds} rounds (QEMU: {})",
+                common::qemu_version("qemu-system-x86_64")
+            ),
             &[
                 (
                     "seq read MiB/s (dd bs=1M iflag=direct, 64 MiB)",
@@ -508,7 +496,7 @@ fn vsock_throughput_against_qemu() {
         let rounds = rounds();
         println!(
             "vsock throughput: {rounds} rounds, {VSOCK_MIB} MiB per transfer; {}",
-            qemu_version()
+            common::qemu_version("qemu-system-x86_64")
         );
         let dir = TempDir::new().unwrap();
         let (mut ours, mut theirs) = (Vec::new(), Vec::new());
@@ -528,7 +516,7 @@ fn vsock_throughput_against_qemu() {
             &format!(
                 "vsock (minivmm hybrid Unix socket, QEMU vhost-vsock-device + AF_VSOCK), \
                  {rounds} rounds (QEMU: {})",
-                qemu_version()
+                common::qemu_version("qemu-system-x86_64")
             ),
             &[
                 (

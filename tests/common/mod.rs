@@ -640,8 +640,23 @@ fn l1_tcg() -> String {
 
 /// The QEMU that runs the emulated test host: `$MINIVMM_TEST_L1_QEMU`, by default `qemu-system-x86_64`
 /// from PATH (e.g. a newer QEMU installed beside Debian's, to tell its TCG's faults from minivmm's).
-fn l1_qemu() -> String {
+pub fn l1_qemu() -> String {
     env_or("MINIVMM_TEST_L1_QEMU", "qemu-system-x86_64".to_string())
+}
+
+/// The first line of `qemu --version`, or what went wrong running it.
+pub fn qemu_version(qemu: &str) -> String {
+    Command::new(qemu)
+        .arg("--version")
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string()
+        })
+        .unwrap_or_else(|e| format!("{qemu}: {e}"))
 }
 
 /// Runs test `name` of this executable inside a fresh emulated test host and fails unless it passed there
