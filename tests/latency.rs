@@ -447,7 +447,7 @@ fn table(names: &[&str], samples: &[Vec<Sample>]) {
 #[test]
 #[ignore = "benchmark: cargo test --release --test latency -- --ignored --nocapture"]
 fn hotplug_latency_against_qemu() {
-    run_in_test_host("hotplug_latency_against_qemu", || {
+    run_benchmark_in_test_host("hotplug_latency_against_qemu", L1_TIMEOUT, || {
         let rounds = rounds();
         let baseline = std::env::var_os("MINIVMM_BENCH_BASELINE_BIN").map(PathBuf::from);
         println!("hotplug latency: {rounds} rounds, max {} vCPUs", max_cpus());
@@ -503,7 +503,7 @@ fn measure_scale(d: &mut dyn Driver) -> (f64, f64) {
 #[test]
 #[ignore = "benchmark: cargo test --release --test latency -- --ignored --nocapture"]
 fn hotplug_scale_against_qemu() {
-    run_in_test_host("hotplug_scale_against_qemu", || {
+    run_benchmark_in_test_host("hotplug_scale_against_qemu", L1_TIMEOUT, || {
         let rounds = rounds();
         let (mut ours, mut theirs) = (Vec::new(), Vec::new());
         for round in 0..rounds {

@@ -382,7 +382,7 @@ fn measure_disk(vmm: Vmm, dir: &Path) -> DiskSample {
 #[test]
 #[ignore = "benchmark: cargo test --release --test virtio_bench -- --ignored --nocapture"]
 fn disk_throughput_against_qemu() {
-    run_in_test_host_for("disk_throughput_against_qemu", BENCH_L1_TIMEOUT, || {
+    run_benchmark_in_test_host("disk_throughput_against_qemu", BENCH_L1_TIMEOUT, || {
         let rounds = rounds();
         println!(
             "virtio-blk throughput: {rounds} rounds, {DISK_MIB} MiB image on tmpfs; {}",
@@ -492,7 +492,7 @@ fn measure_vsock(vmm: Vmm, dir: &Path) -> VsockSample {
 #[test]
 #[ignore = "benchmark: cargo test --release --test virtio_bench -- --ignored --nocapture"]
 fn vsock_throughput_against_qemu() {
-    run_in_test_host_for("vsock_throughput_against_qemu", BENCH_L1_TIMEOUT, || {
+    run_benchmark_in_test_host("vsock_throughput_against_qemu", BENCH_L1_TIMEOUT, || {
         let rounds = rounds();
         println!(
             "vsock throughput: {rounds} rounds, {VSOCK_MIB} MiB per transfer; {}",

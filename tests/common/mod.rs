@@ -6,7 +6,8 @@
 //!   executable on the host root shared read-only over 9p, with `MINIVMM_TEST_HOST=direct`.
 //!   `MINIVMM_TEST_HOST=direct|emulated` forces the choice. The emulated host loads `kvm_amd` with
 //!   [`l1_kvm_amd_params`] (`MINIVMM_TEST_L1_KVM_AMD`, default `npt=1`); its vCPU count is
-//!   `MINIVMM_TEST_L1_SMP` (default 2), QEMU's TCG options `MINIVMM_TEST_L1_TCG` (default
+//!   `MINIVMM_TEST_L1_SMP` (default 2), how many run at once `MINIVMM_TEST_L1_PARALLEL` (default 2),
+//!   QEMU's TCG options `MINIVMM_TEST_L1_TCG` (default
 //!   `thread=multi,tb-size=512`) and the QEMU binary `MINIVMM_TEST_L1_QEMU` (default
 //!   `qemu-system-x86_64`), for experiments with the emulated host's own faults.
 //! * **Diagnosis.** `MINIVMM_TEST_KVM_TRACE=1` traces KVM in the kernel that runs minivmm and prints
@@ -338,8 +339,18 @@ pub fn run_in_test_host(name: &str, body: impl FnOnce()) {
 }
 
 /// [`run_in_test_host`] with a longer hard limit on each emulated test-host run than
-/// [`L1_TIMEOUT`] (for benchmarks that boot many guests in one host, and the resize soak).
+/// [`L1_TIMEOUT`] (for the resize soak).
 pub fn run_in_test_host_for(name: &str, l1_timeout: Duration, body: impl FnOnce()) {
+    run_in_test_host_as(name, l1_timeout, L1Share::Shared, body);
+}
+
+/// [`run_in_test_host_for`] for a benchmark: in the emulated test host no other host runs beside
+/// it, so its figures are not another test's load.
+pub fn run_benchmark_in_test_host(name: &str, l1_timeout: Duration, body: impl FnOnce()) {
+    run_in_test_host_as(name, l1_timeout, L1Share::Alone, body);
+}
+
+fn run_in_test_host_as(name: &str, l1_timeout: Duration, share: L1Share, body: impl FnOnce()) {
     if let Some(thread_name) = thread::current().name() {
         assert!(
             thread_name == "main" || thread_name == name || thread_name.ends_with(&format!("::{name}")),
@@ -359,7 +370,7 @@ pub fn run_in_test_host_for(name: &str, l1_timeout: Duration, body: impl FnOnce(
                 std::panic::resume_unwind(panic);
             }
         }
-        TestHost::Emulated => run_emulated(name, l1_timeout),
+        TestHost::Emulated => run_emulated(name, l1_timeout, share),
     }
 }
 
@@ -387,52 +398,83 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Bounds the emulated test hosts running at once on this machine to [`l1_parallel`] (QEMU TCG
 /// needs the cores): one lock file per slot, held while a host runs, shared by every thread and
-/// test process.
+/// test process. A measurement takes every slot, so nothing runs beside it.
 struct L1Lock {
-    _file: File,
+    _files: Vec<File>,
 }
 
-/// How many emulated test hosts may run at once: `$MINIVMM_TEST_L1_PARALLEL`, by default 1.
+/// How many emulated test hosts may run at once: `$MINIVMM_TEST_L1_PARALLEL`, by default 2 (with
+/// libtest's two test threads on the 2-core CI machine, `cargo test --test boot --test hotplug`
+/// took 257 s, where the same tests' hosts one at a time had added up to about 370 s in the CI run
+/// before: each host runs slower, but one host's idle vCPU time is the other's). 1 runs them one
+/// at a time.
 pub fn l1_parallel() -> u32 {
-    env_or("MINIVMM_TEST_L1_PARALLEL", 1u32).max(1)
+    env_or("MINIVMM_TEST_L1_PARALLEL", 2u32).max(1)
 }
 
-fn l1_lock() -> L1Lock {
-    let slots = l1_parallel();
-    let files: Vec<(PathBuf, File)> = (0..slots)
-        .map(|i| {
-            // Slot 0 keeps the old name, so runs with different settings still exclude each other.
-            let path = log_dir().join(if i == 0 {
-                "l1.lock".to_string()
-            } else {
-                format!("l1.lock.{i}")
-            });
-            let file = OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&path)
-                .unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
-            (path, file)
-        })
-        .collect();
+/// Whether an emulated host may share the machine with another one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum L1Share {
+    /// A test: up to [`l1_parallel`] hosts at once.
+    Shared,
+    /// A benchmark or a fault count: this host alone.
+    Alone,
+}
+
+fn flock(file: &File, path: &Path, op: libc::c_int) -> bool {
+    // SAFETY: flock on a file descriptor we own; it touches no memory.
+    if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+        return true;
+    }
+    let e = std::io::Error::last_os_error();
+    assert_eq!(
+        e.raw_os_error(),
+        Some(libc::EWOULDBLOCK),
+        "flock {}: {e}",
+        path.display()
+    );
+    false
+}
+
+fn l1_lock(share: L1Share) -> L1Lock {
+    // Every caller knows every slot (the most any run may use), so an `Alone` run excludes all.
+    let slots = l1_parallel().max(2);
+    let open = |i: u32| {
+        // Slot 0 keeps the old name.
+        let path = log_dir().join(if i == 0 {
+            "l1.lock".to_string()
+        } else {
+            format!("l1.lock.{i}")
+        });
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
+        (path, file)
+    };
+    if share == L1Share::Alone {
+        // In slot order, blocking: two such runs cannot deadlock each other, and shared runs
+        // only ever try.
+        let files = (0..slots)
+            .map(|i| {
+                let (path, file) = open(i);
+                flock(&file, &path, libc::LOCK_EX);
+                file
+            })
+            .collect();
+        return L1Lock { _files: files };
+    }
+    let files: Vec<(PathBuf, File)> = (0..l1_parallel()).map(open).collect();
     loop {
-        for (path, file) in &files {
-            // SAFETY: flock on a file descriptor we own; it touches no memory.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-            if rc == 0 {
+        for (path, file) in files.iter() {
+            if flock(file, path, libc::LOCK_EX | libc::LOCK_NB) {
                 let file = file
                     .try_clone()
                     .unwrap_or_else(|e| panic!("dup {}: {e}", path.display()));
-                return L1Lock { _file: file };
+                return L1Lock { _files: vec![file] };
             }
-            let e = std::io::Error::last_os_error();
-            assert_eq!(
-                e.raw_os_error(),
-                Some(libc::EWOULDBLOCK),
-                "flock {}: {e}",
-                path.display()
-            );
         }
         thread::sleep(Duration::from_millis(200));
     }
@@ -661,8 +703,8 @@ pub fn qemu_version(qemu: &str) -> String {
 
 /// Runs test `name` of this executable inside a fresh emulated test host and fails unless it passed there
 /// (at most [`L1_ATTEMPTS`] runs, see [`run_in_test_host`]).
-fn run_emulated(name: &str, l1_timeout: Duration) {
-    let _lock = l1_lock();
+fn run_emulated(name: &str, l1_timeout: Duration, share: L1Share) {
+    let _lock = l1_lock(share);
     let mut failed_logs = Vec::new();
     for attempt in 1..=L1_ATTEMPTS {
         let run = l1_run(name, l1_timeout);
@@ -763,7 +805,7 @@ impl L1Run {
 /// Runs test `name` of this executable once inside a fresh emulated test host, without retries
 /// (for tools that count the emulated host's faults themselves).
 pub fn run_emulated_once(name: &str, l1_timeout: Duration) -> L1Run {
-    let _lock = l1_lock();
+    let _lock = l1_lock(L1Share::Alone);
     l1_run(name, l1_timeout)
 }
 
