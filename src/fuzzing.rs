@@ -1588,7 +1588,9 @@ pub mod virtio {
     //! holds only bits 0-1; after a status-0 write the device reads as reset (status 0, every
     //! `QueueReady` 0); on a queue whose rings the harness knows, a kick advances the used index
     //! by at most the chains that were available, and each new used element names a head inside
-    //! the queue and has length 0 or at most the bytes its chain's writable descriptors cover; a
+    //! the queue and has length 0 or at most the bytes its chain's writable descriptors cover
+    //! (checked only where nothing else the device writes, another queue's used ring or a buffer
+    //! of a pending chain, lies over that used ring); a
     //! read-only disk's bytes never change, the disk never changes size, and bytes past its
     //! last whole sector never change. A register write (a vCPU thread's part) never changes the
     //! vsock muxer's connections; a reset drops them all once the harness settles the device, as
@@ -1788,8 +1790,22 @@ pub mod virtio {
     /// `DescriptorChain` does (ttl = queue size, one level of indirect tables, a chain ends at
     /// 2^32 bytes).
     fn writable_bytes(mem: &GuestMemoryMmap, desc: u64, size: u16, head: u16) -> u64 {
+        let mut writable = 0u64;
+        walk_writable(mem, desc, size, head, |_, len| writable += u64::from(len));
+        writable
+    }
+
+    /// Calls `f(addr, len)` for each writable descriptor of the chain at `head`, walked as
+    /// [`writable_bytes`] walks it.
+    fn walk_writable(
+        mem: &GuestMemoryMmap,
+        desc: u64,
+        size: u16,
+        head: u16,
+        mut f: impl FnMut(u64, u32),
+    ) {
         let (mut table, mut qsize, mut ttl, mut next) = (desc, size, size, head);
-        let (mut indirect, mut yielded, mut writable) = (false, 0u32, 0u64);
+        let (mut indirect, mut yielded) = (false, 0u32);
         while ttl > 0 && next < qsize {
             let at = table + u64::from(next) * 16;
             let (Ok(addr), Ok(len), Ok(flags), Ok(nxt)) = (
@@ -1813,7 +1829,7 @@ pub mod virtio {
             };
             yielded = y;
             if flags & F_WRITE != 0 {
-                writable += u64::from(len);
+                f(addr, len);
             }
             if flags & F_NEXT != 0 {
                 next = nxt;
@@ -1822,7 +1838,6 @@ pub mod virtio {
                 ttl = 0;
             }
         }
-        writable
     }
 
     impl Harness {
@@ -2083,6 +2098,33 @@ pub mod virtio {
                 before.push(Some((a, u, ring, bounds)));
             }
 
+            // Where the device may write data this kick: every writable buffer of the chains
+            // between each queue's used and avail index (what it may pop). A queue the harness
+            // does not know, or whose indices are out of step, may have buffers anywhere.
+            let mut written: Vec<(u64, u64)> = Vec::new();
+            let mut anywhere = false;
+            for q in &self.queues {
+                let (Some(a), Some(u)) = (
+                    u16_at(&self.mem, q.avail + 2),
+                    q.next_used.or_else(|| u16_at(&self.mem, q.used + 2)),
+                ) else {
+                    anywhere = true;
+                    continue;
+                };
+                let pending = a.wrapping_sub(u);
+                if !q.known || pending > q.size {
+                    anywhere = true;
+                    continue;
+                }
+                for k in 0..pending {
+                    let slot = q.avail + 4 + u64::from(u.wrapping_add(k) % q.size) * 2;
+                    let head = u16_at(&self.mem, slot).unwrap_or(u16::MAX);
+                    walk_writable(&self.mem, q.desc, q.size, head, |addr, len| {
+                        written.push((addr, addr.saturating_add(u64::from(len))));
+                    });
+                }
+            }
+
             self.t.process(wake, &self.mem);
 
             let broken = self.rd(STATUS) & NEEDS_RESET != 0;
@@ -2103,13 +2145,27 @@ pub mod virtio {
                 } else {
                     None
                 };
+                // Another queue's used ring, or a buffer the device may fill, over this one's
+                // used ring: the device's other writes move this used index and elements too, so
+                // they tell nothing about this queue.
+                let used_end = q.used + 4 + 8 * u64::from(q.size) + 2;
+                let shared_used = self.queues.iter().enumerate().any(|(j, o)| {
+                    j != i && o.used < used_end && q.used < o.used + 4 + 8 * u64::from(o.size) + 2
+                });
+                let overwritten = anywhere
+                    || written
+                        .iter()
+                        .any(|&(start, end)| start < used_end && q.used < end);
+                if shared_used || overwritten {
+                    self.queues[i].next_used = None;
+                    continue;
+                }
                 if !(running && trusted) || u1 == u0 {
                     continue;
                 }
                 // The device may have written into the avail ring itself (a data buffer or the
                 // used ring over it): then what was available is not what the harness saw.
                 let ring1 = bytes_at(&self.mem, q.avail, 4 + 2 * u64::from(q.size));
-                let used_end = q.used + 4 + 8 * u64::from(q.size) + 2;
                 let overlap =
                     q.used < q.avail + 4 + 2 * u64::from(q.size) + 2 && q.avail < used_end;
                 if ring1 != ring0 || overlap {
@@ -2119,7 +2175,8 @@ pub mod virtio {
                 let available = a0.wrapping_sub(u0);
                 assert!(
                     advanced <= available,
-                    "queue {i}: used index {u0} -> {u1} with avail index {a0}"
+                    "queue {i}: used index {u0} -> {u1} with avail index {a0} (queues {:x?})",
+                    self.queues
                 );
                 for k in 0..advanced {
                     let at = q.used + 4 + u64::from(u0.wrapping_add(k) % q.size) * 8;
