@@ -421,12 +421,18 @@ pub enum L1Share {
     Alone,
 }
 
+/// `flock(op)` on `file`; false if a non-blocking lock is taken by someone else.
 fn flock(file: &File, path: &Path, op: libc::c_int) -> bool {
-    // SAFETY: flock on a file descriptor we own; it touches no memory.
-    if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
-        return true;
-    }
-    let e = std::io::Error::last_os_error();
+    let e = loop {
+        // SAFETY: flock on a file descriptor we own; it touches no memory.
+        if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+            return true;
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            break e;
+        }
+    };
     assert_eq!(
         e.raw_os_error(),
         Some(libc::EWOULDBLOCK),
@@ -437,7 +443,8 @@ fn flock(file: &File, path: &Path, op: libc::c_int) -> bool {
 }
 
 fn l1_lock(share: L1Share) -> L1Lock {
-    // Every caller knows every slot (the most any run may use), so an `Alone` run excludes all.
+    // An `Alone` run locks every slot a default run may use (at least two), so it runs alone
+    // even beside a process started with another MINIVMM_TEST_L1_PARALLEL.
     let slots = l1_parallel().max(2);
     let open = |i: u32| {
         // Slot 0 keeps the old name.
