@@ -307,13 +307,15 @@ impl VmHandle {
     /// first one returned the VM's error).
     pub fn wait(&self) -> Result<Exit, Error> {
         let mut outcome = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
-        let ended = match std::mem::replace(&mut *outcome, Outcome::Ended(None)) {
-            Outcome::Ended(exit) => {
-                *outcome = Outcome::Ended(exit.clone());
-                return exit.ok_or(Error::Stopped);
-            }
-            Outcome::Running(thread) => thread.join().map_err(|_| Error::Stopped)?,
+        if let Outcome::Ended(exit) = &*outcome {
+            return exit.clone().ok_or(Error::Stopped);
+        }
+        // Joined once; a thread that panicked leaves `Ended(None)`.
+        let Outcome::Running(thread) = std::mem::replace(&mut *outcome, Outcome::Ended(None))
+        else {
+            return Err(Error::Stopped);
         };
+        let ended = thread.join().map_err(|_| Error::Stopped)?;
         *outcome = Outcome::Ended(ended.as_ref().ok().cloned());
         ended
     }
