@@ -121,14 +121,14 @@ pub mod control_line {
     use std::time::Duration;
 
     use crate::config::{MemoryConfig, MEMORY_SIZE_ALIGN, MIN_MEMORY_SIZE};
-    use crate::control::{
+    use crate::control::protocol::{
         error_reply, handle, parse_request, ControlTarget, Line, LineReader, Request, VmInfo,
         MAX_LINE,
     };
-    use crate::cpu_manager::CpuManager;
     use crate::devices::{lock, BusDevice, DeviceEvent};
-    use crate::memory_manager::MemoryManager;
-    use crate::resize::{self, ResizeState};
+    use crate::vmm::cpus::CpuManager;
+    use crate::vmm::memory::MemoryManager;
+    use crate::vmm::resize::{self, ResizeState};
 
     /// One boot of the model: the real CPU and memory managers, without vCPU threads or KVM.
     struct Boot {
@@ -454,7 +454,7 @@ pub mod control_line {
             );
             let parsed = match line {
                 Line::Complete(bytes) => parse_request(bytes),
-                Line::TooLong => Err(crate::control::RequestError::TooLong),
+                Line::TooLong => Err(crate::control::protocol::RequestError::TooLong),
             };
             match parsed {
                 Err(e) => {
@@ -1606,10 +1606,10 @@ pub mod virtio {
     use super::{CountingTrigger, Input};
     use crate::devices::virtio::block::{Block, Disk};
     use crate::devices::virtio::mmio::MmioTransport;
+    use crate::devices::virtio::vsock::muxer::{Interest, VsockMuxer};
     use crate::devices::virtio::vsock::Vsock;
     use crate::devices::virtio::{Wake, VIRTIO_F_VERSION_1};
     use crate::devices::{lock, BusDevice, DeviceEvent};
-    use crate::vsock_muxer::{Interest, VsockMuxer};
 
     const MAGIC: u64 = 0x000;
     const DEVICE_FEATURES: u64 = 0x010;

@@ -1008,7 +1008,7 @@ fn cpu_ticks(pid: u32) -> u64 {
     field(11) + field(12)
 }
 
-/// The most control connections minivmm keeps open (src/control_socket.rs).
+/// The most control connections minivmm keeps open (src/control/socket.rs).
 const MAX_CONTROL_CLIENTS: usize = 64;
 
 #[test]

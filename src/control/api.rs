@@ -41,10 +41,11 @@ use std::time::Duration;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::{ExitDeviceConfig, SerialMode, VmConfig};
-use crate::control::VmInfo;
-use crate::event_loop::{Command, Inbox};
-use crate::events::Event;
-use crate::{launch, Error, Exit, Hosting};
+use crate::control::events::Event;
+use crate::control::protocol::VmInfo;
+use crate::vmm::event_loop::{Command, Inbox};
+use crate::vmm::launch::{launch, Hosting};
+use crate::{Error, Exit};
 
 /// Events an embedder's channel may hold before further events are dropped (and a warning is
 /// logged): a receiver that stops reading never slows the VM.

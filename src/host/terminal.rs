@@ -30,7 +30,7 @@ impl RawModeGuard {
             if libc::tcsetattr(fd, libc::TCSANOW, &raw) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            crate::seccomp::set_terminal_to_restore(fd, saved);
+            crate::host::seccomp::set_terminal_to_restore(fd, saved);
             Ok(Some(RawModeGuard { fd, saved }))
         }
     }

@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use crate::size::format_size;
+use crate::config::size::format_size;
 
 /// Something that happened to the VM.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,9 +1,11 @@
 //! virtio-vsock (virtio 1.2 §5.10): moves packets between the guest's queues and the host-side
-//! connection multiplexer ([`crate::vsock_muxer::VsockMuxer`]), which owns the host sockets.
+//! connection multiplexer ([`crate::devices::virtio::vsock::muxer::VsockMuxer`]), which owns the host sockets.
 //!
 //! TX packets are handed to the muxer as they come; RX buffers are filled only with what the
 //! muxer can produce now (control packets, or host data read straight into the buffer's room),
 //! so nothing is buffered here and a full RX queue simply stops host reads.
+
+pub mod muxer;
 
 use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
@@ -14,7 +16,7 @@ use vm_memory::GuestMemoryMmap;
 
 use super::{read_config_bytes, VirtioDevice, VirtioError, Wake, TYPE_VSOCK};
 use crate::devices::lock;
-use crate::vsock_muxer::{PacketHeader, VsockMuxer, OP_RST, OP_RW};
+use crate::devices::virtio::vsock::muxer::{PacketHeader, VsockMuxer, OP_RST, OP_RW};
 
 /// Queue indices (virtio 1.2 §5.10.2).
 const RX: usize = 0;

@@ -16,7 +16,7 @@
 //!
 //! Everything here is pure logic; the VMM owns the descriptors and implements [`ControlTarget`].
 
-use crate::size::{format_size, parse_size, SizeError};
+use crate::config::size::{format_size, parse_size, SizeError};
 
 /// Longest request line accepted, including its terminating `'\n'`.
 pub const MAX_LINE: usize = 4096;

@@ -29,7 +29,7 @@ pub const EXIT_PANIC: i32 = 4;
 /// Exit code: `--timeout` expired.
 pub const EXIT_TIMEOUT: i32 = 124;
 /// Exit code of a process killed by its seccomp filter (128 + SIGSYS).
-pub const EXIT_SECCOMP: i32 = crate::seccomp::SECCOMP_EXIT_CODE;
+pub const EXIT_SECCOMP: i32 = crate::host::seccomp::SECCOMP_EXIT_CODE;
 
 /// Why the VM stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]

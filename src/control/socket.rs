@@ -1,5 +1,5 @@
 //! Transport of the control pipe: a listening Unix stream socket with any number of clients, or
-//! an inherited, already-connected fd (pair). Framing and replies come from [`crate::control`];
+//! an inherited, already-connected fd (pair). Framing and replies come from [`crate::control::protocol`];
 //! everything here is non-blocking and driven by the main epoll loop.
 
 use std::collections::HashMap;
@@ -14,7 +14,7 @@ use std::time::Instant;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use crate::config::ControlEndpoint;
-use crate::control::{handle, ControlTarget, LineReader, MAX_LINE};
+use crate::control::protocol::{handle, ControlTarget, LineReader, MAX_LINE};
 
 /// Id of the listening socket. The server's ids are its own: on epoll they are offset by the
 /// base the event loop gives [`ControlServer::register`].
@@ -97,7 +97,7 @@ fn take_fd(fd: RawFd) -> Result<File, ControlSocketError> {
     if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
         return Err(ControlSocketError::BadFd(fd));
     }
-    crate::terminal::set_nonblocking(fd, true).map_err(ControlSocketError::Io)?;
+    crate::host::terminal::set_nonblocking(fd, true).map_err(ControlSocketError::Io)?;
     // SAFETY: the user handed this inherited fd to minivmm (`--control fd=N`); we take ownership.
     Ok(unsafe { File::from_raw_fd(fd) })
 }

@@ -7,6 +7,16 @@
 //! memory and CPU managers commit it to the hotplug controllers and one GED interrupt tells the
 //! guest.
 
+pub(crate) mod cpus;
+pub(crate) mod event_loop;
+pub mod exit;
+pub(crate) mod launch;
+pub(crate) mod machine;
+pub(crate) mod memory;
+pub(crate) mod ost;
+pub(crate) mod resize;
+pub(crate) mod virtio;
+
 use std::fs::File;
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::Arc;
@@ -15,20 +25,19 @@ use std::time::Instant;
 use kvm_ioctls::Kvm;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::config::size::format_size;
 use crate::config::VmConfig;
-use crate::control::{ControlTarget, VmInfo};
+use crate::control::events::Event;
+use crate::control::protocol::{ControlTarget, VmInfo};
 use crate::devices::ged::{GED_CPU, GED_MEMORY, GED_POWER_BUTTON};
 use crate::devices::virtio::Wake;
 use crate::devices::{lock, DeviceEvent, ResetCause};
-use crate::events::Event;
-use crate::machine::{BootSpec, Host, Machine, MachineError, SharedWriter};
-use crate::memory_manager::Step;
-use crate::ost;
-use crate::resize::{self, ResizeState};
-use crate::seccomp::BpfProgram;
-use crate::size::format_size;
-use crate::vcpu::{EventSink, VcpuEvent};
-use crate::virtio_manager::VirtioHost;
+use crate::host::seccomp::BpfProgram;
+use crate::kvm::vcpu::{EventSink, VcpuEvent};
+use crate::vmm::machine::{BootSpec, Host, Machine, MachineError, SharedWriter};
+use crate::vmm::memory::Step;
+use crate::vmm::resize::ResizeState;
+use crate::vmm::virtio::VirtioHost;
 
 /// What the guest uses from the file system, opened before the seccomp filters go on.
 pub struct GuestFiles {
@@ -377,7 +386,7 @@ impl Vmm {
     }
 
     /// The vsock muxer's epoll changes since the last call.
-    pub fn vsock_interest_changes(&self) -> Vec<crate::vsock_muxer::Interest> {
+    pub fn vsock_interest_changes(&self) -> Vec<crate::devices::virtio::vsock::muxer::Interest> {
         self.host.virtio.vsock_interest_changes()
     }
 

@@ -1,7 +1,7 @@
 //! The guest memory of one boot as the VMM accounts for it: boot RAM, the hotplug window above
 //! it, what has been hot-added, the memory hotplug controller that describes each hot-added
 //! slot to the guest, and a live removal in progress. KVM memory slots themselves live in
-//! [`crate::vm::Vm`]; a resize maps them first ([`crate::resize::prepare`]) and commits here once
+//! [`crate::kvm::vm::Vm`]; a resize maps them first ([`crate::vmm::resize::prepare`]) and commits here once
 //! every part of the request succeeded; a live removal unmaps a slot only after the guest has
 //! ejected it ([`MemoryManager::reap`]).
 
@@ -10,11 +10,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::arch::x86_64::{layout, memory};
+use crate::config::size::format_size;
 use crate::config::MemoryConfig;
+use crate::control::events::Event;
 use crate::devices::lock;
 use crate::devices::mem_hotplug::MemHotplug;
-use crate::events::Event;
-use crate::size::format_size;
 
 /// ACPI memory devices (`Mnnn`) for a hotplug window: one per 128 MiB step, capped at
 /// [`layout::MAX_MEMORY_HOTPLUG_SLOTS`].
@@ -34,7 +34,7 @@ pub(crate) fn removable_slot_size(window: &Range<u64>) -> u64 {
 }
 
 /// Unregisters and unmaps the hot-added memory that starts at the given guest-physical address
-/// (for a machine, [`crate::vm::Vm::remove_memory`]).
+/// (for a machine, [`crate::kvm::vm::Vm::remove_memory`]).
 pub(crate) type Unmap<'a> = &'a mut dyn FnMut(u64) -> Result<(), String>;
 
 /// A hot-added slot present now.

@@ -15,7 +15,6 @@ use crate::acpi::{self, AcpiConfig};
 use crate::arch::x86_64::layout::{self, ports};
 use crate::arch::x86_64::{boot, memory, regs};
 use crate::config::VmConfig;
-use crate::cpu_manager::CpuManager;
 use crate::devices::acpi_pm::AcpiPm;
 use crate::devices::debug_exit::DebugExit;
 use crate::devices::debug_port::DebugPort;
@@ -26,12 +25,13 @@ use crate::devices::reset_control::ResetControl;
 use crate::devices::rtc::Rtc;
 use crate::devices::serial::SerialDevice;
 use crate::devices::{lock, Bus, BusDevice, Trigger};
-use crate::memory_manager::{hotplug_slots, MemoryManager, Step};
-use crate::resize;
-use crate::seccomp::BpfProgram;
-use crate::vcpu::{EventSink, VcpuContext};
-use crate::virtio_manager::{VirtioDevices, VirtioHost, VirtioSetupError};
-use crate::vm::{Vm, VmError, VmFeatures};
+use crate::host::seccomp::BpfProgram;
+use crate::kvm::vcpu::{EventSink, VcpuContext};
+use crate::kvm::vm::{Vm, VmError, VmFeatures};
+use crate::vmm::cpus::CpuManager;
+use crate::vmm::memory::{hotplug_slots, MemoryManager, Step};
+use crate::vmm::resize;
+use crate::vmm::virtio::{VirtioDevices, VirtioHost, VirtioSetupError};
 
 /// Errors while building a machine or changing it.
 #[derive(Debug, thiserror::Error)]
@@ -50,7 +50,7 @@ pub enum MachineError {
     Regs(#[from] regs::RegsError),
     /// A vCPU thread could not be started or stopped.
     #[error(transparent)]
-    Vcpu(#[from] crate::vcpu::VcpuError),
+    Vcpu(#[from] crate::kvm::vcpu::VcpuError),
     /// A device could not be placed on a bus.
     #[error("device bus: {0}")]
     Bus(#[from] crate::devices::BusError),

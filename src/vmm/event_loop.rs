@@ -10,12 +10,12 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::control::{ControlTarget, VmInfo};
-use crate::control_socket::ControlServer;
-use crate::events::Event;
-use crate::exit::Exit;
-use crate::machine::MachineError;
-use crate::vcpu::VcpuEvent;
+use crate::control::events::Event;
+use crate::control::protocol::{ControlTarget, VmInfo};
+use crate::control::socket::ControlServer;
+use crate::kvm::vcpu::VcpuEvent;
+use crate::vmm::exit::Exit;
+use crate::vmm::machine::MachineError;
 use crate::vmm::{Lifecycle, Vmm};
 
 /// What an epoll event is about (its `u64` data).
@@ -130,7 +130,7 @@ impl Timeout {
     }
 }
 
-/// A request from an embedder's [`crate::api::VmHandle`], answered on its own channel.
+/// A request from an embedder's [`crate::control::api::VmHandle`], answered on its own channel.
 pub(crate) enum Command {
     Resize {
         cpus: Option<u32>,
@@ -350,7 +350,7 @@ pub(crate) fn run(vmm: &mut Vmm, mut sources: Sources) -> Result<Exit, EventLoop
     let mut kicks_of_boot = 0;
 
     let mut events = vec![EpollEvent::default(); 32];
-    crate::seccomp::probe_forbidden_syscall("main");
+    crate::host::seccomp::probe_forbidden_syscall("main");
     loop {
         // A new boot has new virtqueue kick eventfds (the old ones left epoll when closed).
         if vmm.boot_count() != kicks_of_boot {

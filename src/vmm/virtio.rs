@@ -15,11 +15,11 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::arch::x86_64::layout::{self, irq};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
+use crate::devices::virtio::vsock::muxer::{Interest, VsockMuxer};
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{VirtioDevice, Wake};
 use crate::devices::{lock, Bus, BusError, Trigger};
-use crate::vm::{Vm, VmError};
-use crate::vsock_muxer::{Interest, VsockMuxer};
+use crate::kvm::vm::{Vm, VmError};
 
 /// Errors while setting up a boot's virtio devices.
 #[derive(Debug, thiserror::Error)]

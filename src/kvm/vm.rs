@@ -15,7 +15,7 @@ use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::{cpuid, layout, msr, regs};
-use crate::ram::{self, HostMapping};
+use crate::kvm::ram::{self, HostMapping};
 
 /// VM-level errors; each names the failing operation.
 #[derive(Debug, thiserror::Error)]

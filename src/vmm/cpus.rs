@@ -1,7 +1,7 @@
 //! The vCPUs of one boot as the VMM manages them: their threads ([`Vcpus`]), the CPU hotplug
 //! controller the guest sees, the vCPU count last asked for, and the state of a pending removal.
 //!
-//! A hot-add starts threads first ([`crate::resize::prepare`]) and then [`CpuManager::commit`]s
+//! A hot-add starts threads first ([`crate::vmm::resize::prepare`]) and then [`CpuManager::commit`]s
 //! the controller; a hot-remove only asks the guest, and the thread stops when the guest ejects
 //! the CPU ([`CpuManager::reap`]) or the removal is withdrawn on a failed `_OST`
 //! ([`CpuManager::withdraw_removal`]).
@@ -12,12 +12,12 @@ use std::time::Instant;
 
 use kvm_ioctls::VcpuFd;
 
-use crate::cpus::Vcpus;
+use crate::control::events::Event;
 use crate::devices::cpu_hotplug::CpuHotplug;
 use crate::devices::lock;
-use crate::events::Event;
-use crate::vcpu::{VcpuContext, VcpuError};
-use crate::vm::Vm;
+use crate::kvm::vcpu::{VcpuContext, VcpuError};
+use crate::kvm::vcpus::Vcpus;
+use crate::kvm::vm::Vm;
 
 /// vCPU threads, the CPU hotplug controller and the removal state of one boot.
 pub(crate) struct CpuManager {

@@ -4,11 +4,13 @@
 //! name the offending flag; `main` prints them after `minivmm: `. Files are not opened here: the
 //! VMM reports unreadable kernels, initramfs images and directories when it uses them.
 
+pub mod size;
+
 use std::os::unix::io::RawFd;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::size::{format_size, parse_size, SizeError};
+use crate::config::size::{format_size, parse_size, SizeError};
 
 use crate::arch::x86_64::layout::{
     ports, CMDLINE_MAX_SIZE, MAX_VCPUS, MAX_VIRTIO_DEVICES, MEMORY_HOTPLUG_ALIGN,
@@ -1036,7 +1038,7 @@ fn parse_log_level(flag: &'static str, value: &str) -> Result<log::LevelFilter, 
     }
 }
 
-/// Checks a configuration built in code (e.g. by [`crate::api::VmBuilder`]) against the same
+/// Checks a configuration built in code (e.g. by [`crate::control::api::VmBuilder`]) against the same
 /// rules the command line applies, with the same messages: each group of values goes through
 /// its option's parser, so the rules exist once.
 pub fn validate(config: &VmConfig) -> Result<(), ConfigError> {

@@ -16,7 +16,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use crate::arch::x86_64::msr;
 use crate::arch::x86_64::reset_vector::in_reset_vector_stub;
 use crate::devices::{Bus, DeviceEvent, ResetCause};
-use crate::seccomp::{self, BpfProgram};
+use crate::host::seccomp::{self, BpfProgram};
 
 /// Errors of the vCPU thread machinery.
 #[derive(Debug, thiserror::Error)]

@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicI32, Ordering};
 pub use seccompiler::BpfProgram;
 
 /// The main (VMM) thread's filter, as JSON.
-pub const VMM_FILTER_JSON: &str = include_str!("../seccomp/vmm.json");
+pub const VMM_FILTER_JSON: &str = include_str!("../../seccomp/vmm.json");
 /// The vCPU threads' filter, as JSON.
-pub const VCPU_FILTER_JSON: &str = include_str!("../seccomp/vcpu.json");
+pub const VCPU_FILTER_JSON: &str = include_str!("../../seccomp/vcpu.json");
 
 /// Seccomp errors.
 #[derive(Debug, thiserror::Error)]
@@ -256,11 +256,13 @@ mod tests {
             probe_child();
         }
         // The filter goes on a child process (it cannot be taken off again), this test binary
-        // re-run for this test alone.
+        // re-run for this test alone (named as libtest names it: its path without the crate).
+        let module = module_path!().split_once("::").map_or("", |(_, m)| m);
+        let name = format!("{module}::the_vmm_filter_refuses_a_kvm_ioctl_it_does_not_list");
         let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
             .args([
                 "--exact",
-                "seccomp::tests::the_vmm_filter_refuses_a_kvm_ioctl_it_does_not_list",
+                &name,
                 "--nocapture",
                 "--test-threads=1",
             ])

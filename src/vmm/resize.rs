@@ -8,9 +8,9 @@
 use std::ops::Range;
 
 use crate::arch::x86_64::layout::MEMORY_HOTPLUG_ALIGN;
+use crate::config::size::format_size;
 use crate::config::{MEMORY_SIZE_ALIGN, MIN_MEMORY_SIZE};
-use crate::control::format_ids;
-use crate::size::format_size;
+use crate::control::protocol::format_ids;
 
 /// What the planner needs to know about the running machine.
 #[derive(Debug, Clone, PartialEq, Eq)]

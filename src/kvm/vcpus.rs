@@ -3,8 +3,8 @@
 
 use kvm_ioctls::VcpuFd;
 
-use crate::vcpu::{VcpuContext, VcpuError, VcpuThread};
-use crate::vm::Vm;
+use crate::kvm::vcpu::{VcpuContext, VcpuError, VcpuThread};
+use crate::kvm::vm::Vm;
 
 /// One vCPU index.
 #[derive(Default)]
