@@ -707,7 +707,7 @@ fn footprint(pid: u32) -> Footprint {
 /// full soak is `MINIVMM_SOAK_CYCLES=1000 MINIVMM_SOAK_REBOOT_EVERY=100`, for hardware KVM: in
 /// the emulated test host (with `MINIVMM_TEST_L1_KVM_AMD=npt=0`) it ran 540 and 530 cycles
 /// before the host's own faults (a frozen L1, a guest CPU online that never returned) ended it
-/// (README, "Reliability"). Live memory removal has its own test.
+/// (docs/TESTING.md, "Reliability"). Live memory removal has its own test.
 #[test]
 fn resize_soak_leaks_nothing() {
     let cycles = common::env_or::<u32>("MINIVMM_SOAK_CYCLES", 4);
