@@ -109,14 +109,19 @@ pub mod control_line {
     //! The control pipe: bytes → [`LineReader`] (in fuzzer-chosen chunks) → [`handle`] against
     //! [`ModelVm`].
     //!
-    //! Input: 6 header bytes (max vCPUs, boot vCPUs, boot RAM and removable, hotplug window,
-    //! chunking seed, guest-behaviour seed), then the client's byte stream.
+    //! Input: 6 header bytes (max vCPUs, boot vCPUs, boot RAM with the removable and KVM-fails
+    //! bits, hotplug window, chunking seed, guest-behaviour seed), then the client's byte stream.
+    //!
+    //! Resizes run through [`resize::transact`], the transaction minivmm runs, on the real CPU
+    //! and memory managers; only KVM is a model, whose memory and vCPU operations fail now and
+    //! then when the input asks, so the rollback paths are fuzzed too.
     //!
     //! Invariants: framing does not depend on how the stream is split into reads; every framed
     //! line gets exactly one reply line (`ok...` or `error...`, no control characters); a line
     //! that does not parse never reaches the target; the model's state stays within its limits
     //! (vCPUs in `1..=max`, RAM within `64M..=max`, hot-added slots inside the window and below
-    //! the slot count) and `info` reports it.
+    //! the slot count), KVM's mapped RAM is exactly the managers' slots, a refused resize leaves
+    //! KVM as it was (but for slots the guest had ejected) and `info` reports the state.
 
     use std::time::Duration;
 
@@ -128,12 +133,102 @@ pub mod control_line {
     use crate::devices::{lock, BusDevice, DeviceEvent};
     use crate::vmm::cpus::CpuManager;
     use crate::vmm::memory::MemoryManager;
-    use crate::vmm::resize::{self, ResizeState};
+    use crate::vmm::resize;
 
-    /// One boot of the model: the real CPU and memory managers, without vCPU threads or KVM.
+    /// One boot of the model: the real CPU and memory managers, with a model of KVM's side
+    /// (memory slots and vCPU threads) that fails when the input says so.
     struct Boot {
         cpus: CpuManager,
         memory: MemoryManager,
+        kvm: FakeKvm,
+    }
+
+    /// What a resize asks of KVM, recorded; every `fail_every`-th operation fails.
+    #[derive(Default)]
+    struct FakeKvm {
+        /// Mapped hot-added RAM, (start, size), in mapping order.
+        mapped: Vec<(u64, u64)>,
+        /// vCPUs the resize in progress has started.
+        started: std::collections::BTreeSet<u32>,
+        ops: u32,
+        fail_every: u32,
+    }
+
+    impl FakeKvm {
+        fn op(&mut self, what: &str) -> Result<(), String> {
+            self.ops += 1;
+            if self.fail_every != 0 && self.ops.is_multiple_of(self.fail_every) {
+                return Err(format!("{what}: injected failure"));
+            }
+            Ok(())
+        }
+    }
+
+    impl resize::Backend for Boot {
+        fn add_memory(&mut self, start: u64, size: u64) -> Result<(), String> {
+            self.kvm.op("add_memory")?;
+            let end = start + size;
+            assert!(
+                self.kvm
+                    .mapped
+                    .iter()
+                    .all(|&(s, n)| end <= s || start >= s + n),
+                "{start:#x}+{size:#x} overlaps mapped RAM {:x?}",
+                self.kvm.mapped
+            );
+            self.kvm.mapped.push((start, size));
+            Ok(())
+        }
+
+        fn remove_last_memory(&mut self) -> Result<(), String> {
+            assert!(
+                self.kvm.mapped.pop().is_some(),
+                "unmapping with none mapped"
+            );
+            Ok(())
+        }
+
+        fn start_vcpu(&mut self, id: u32) -> Result<(), String> {
+            self.kvm.op("start_vcpu")?;
+            assert!(
+                !lock(&self.cpus.device()).is_enabled(id),
+                "vCPU {id} started while present"
+            );
+            self.kvm.started.insert(id);
+            Ok(())
+        }
+
+        fn stop_vcpu(&mut self, id: u32) {
+            assert!(
+                self.kvm.started.remove(&id),
+                "vCPU {id} stopped but not started"
+            );
+        }
+    }
+
+    impl resize::Machine for Boot {
+        fn cpus(&mut self) -> &mut CpuManager {
+            &mut self.cpus
+        }
+
+        fn memory(&mut self) -> &mut MemoryManager {
+            &mut self.memory
+        }
+
+        fn reap_memory(&mut self) -> crate::vmm::memory::Step {
+            let mapped = &mut self.kvm.mapped;
+            self.memory.reap_ejected(&mut |start| {
+                let i = mapped
+                    .iter()
+                    .position(|&(s, _)| s == start)
+                    .ok_or_else(|| format!("unmapping {start:#x}: not mapped"))?;
+                assert_eq!(i + 1, mapped.len(), "only the top slot is unmapped");
+                mapped.pop();
+                Ok(())
+            })
+        }
+
+        fn notify(&mut self, _flags: u8) {}
     }
 
     /// A VM as the control pipe sees it: validation by [`resize::plan`], state kept by the
@@ -146,14 +241,17 @@ pub mod control_line {
         next_cpus: u32,
         next_mem: u64,
         reboot_requested: bool,
+        /// Every this many KVM operations of a resize fails (0: none).
+        fail_every: u32,
         /// Calls into the target (any method but `info`).
         pub calls: usize,
     }
 
     impl ModelVm {
         /// A running VM with `boot_cpus` of `max_cpus` vCPUs and `config`'s memory.
-        pub fn new(max_cpus: u32, boot_cpus: u32, config: MemoryConfig) -> Self {
+        pub fn new(max_cpus: u32, boot_cpus: u32, config: MemoryConfig, fail_every: u32) -> Self {
             let mut vm = ModelVm {
+                fail_every,
                 max_cpus,
                 next_cpus: boot_cpus,
                 next_mem: config.size,
@@ -170,6 +268,10 @@ pub mod control_line {
             self.boot = Some(Boot {
                 cpus: CpuManager::new(self.max_cpus, self.next_cpus),
                 memory: MemoryManager::new(self.next_mem, &self.config),
+                kvm: FakeKvm {
+                    fail_every: self.fail_every,
+                    ..FakeKvm::default()
+                },
             });
         }
 
@@ -215,7 +317,7 @@ pub mod control_line {
                         let event = dev.write(0x14, &[1 << 3]);
                         assert_eq!(event, DeviceEvent::MemEject(slot as u32), "eject of slot");
                         drop(dev);
-                        b.memory.reap(slot, &mut |_| Ok(()));
+                        resize::Machine::reap_memory(b);
                     }
                 }
                 _ => {}
@@ -261,6 +363,12 @@ pub mod control_line {
             if let Some(slot) = b.memory.removing() {
                 assert_eq!(slot + 1, used, "only the top slot is removed");
             }
+            let mapped: Vec<u64> = b.kvm.mapped.iter().map(|&(_, size)| size).collect();
+            assert_eq!(
+                mapped,
+                b.memory.slot_sizes(),
+                "KVM's RAM is the managers' slots"
+            );
         }
     }
 
@@ -303,45 +411,34 @@ pub mod control_line {
             let Some(b) = self.boot.as_mut() else {
                 return Err("the VM is not running".into());
             };
-            b.cpus.reap_all_ejected();
-            b.memory.reap_ejected(&mut |_| Ok(()));
-            let (mem_slots, _) = b.memory.slots();
-            let state = ResizeState {
+            let limits = resize::Limits {
                 max_cpus: self.max_cpus,
-                present_cpus: b.cpus.present(),
-                removing: b.cpus.removing(),
-                target_cpus: b.cpus.target(),
-                removal_waited_secs: 0,
-                boot_mem: b.memory.boot_size(),
                 max_mem: self.config.max(),
-                window: b.memory.window(),
-                mem_slot_sizes: b.memory.slot_sizes(),
-                mem_slots,
-                removable_slot_size: b.memory.removable_slot_size(),
-                removing_mem: b.memory.removing(),
-                mem_removal_waited_secs: 0,
                 target_mem: self.next_mem,
             };
-            let plan = resize::plan(&state, cpus, mem)?;
-            if let Some(n) = cpus {
-                assert!(n >= 1 && n <= self.max_cpus, "plan accepted cpus={n}");
-            }
-            for &(slot, start, size) in &plan.add_mem {
-                assert!(slot < mem_slots, "plan used slot {slot} of {mem_slots}");
-                assert!(
-                    start >= state.window.start && start + size <= state.window.end,
-                    "slot {slot} at {start:#x}+{size:#x} outside {:?}",
-                    state.window
-                );
-                b.memory.commit_add(slot, start, size);
-            }
-            if let Some(target) = plan.remove_mem_to {
-                b.memory.start_removal(target);
-            }
-            b.cpus
-                .commit(plan.add_cpus.clone(), plan.remove_cpus.clone(), cpus);
-            if let Some(want) = plan.pending_mem {
-                self.next_mem = want;
+            let before = b.kvm.mapped.clone();
+            b.kvm.started.clear();
+            let mut events = Vec::new();
+            match resize::transact(b, &limits, cpus, mem, &mut events) {
+                Ok(pending) => {
+                    if let Some(want) = pending {
+                        self.next_mem = want;
+                    }
+                }
+                Err(e) => {
+                    // Reaping may have unmapped ejected slots; nothing else may change.
+                    let mapped = &b.kvm.mapped;
+                    assert!(
+                        before.starts_with(mapped),
+                        "a refused resize ({e}) left {mapped:x?} mapped, was {before:x?}"
+                    );
+                    let started = &b.kvm.started;
+                    assert!(
+                        started.is_empty(),
+                        "a refused resize ({e}) left {started:?} running"
+                    );
+                    return Err(e);
+                }
             }
             Ok(self.info())
         }
@@ -435,7 +532,13 @@ pub mod control_line {
             }
         }
 
-        let mut vm = ModelVm::new(max_cpus, boot_cpus, config);
+        // Boot RAM bit 7: KVM fails now and then, every 2nd to 8th operation.
+        let fail_every = if mem & 0x80 != 0 {
+            2 + u32::from(chunk_seed >> 2) % 7
+        } else {
+            0
+        };
+        let mut vm = ModelVm::new(max_cpus, boot_cpus, config, fail_every);
         vm.check_limits();
         for (i, line) in lines.iter().enumerate() {
             let calls = vm.calls;

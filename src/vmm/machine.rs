@@ -344,6 +344,27 @@ impl resize::Backend for Machine {
     }
 }
 
+/// The machine the resize transaction works on: its managers, KVM memory slots and the GED.
+impl resize::Machine for Machine {
+    fn cpus(&mut self) -> &mut CpuManager {
+        &mut self.cpus
+    }
+
+    fn memory(&mut self) -> &mut MemoryManager {
+        &mut self.memory
+    }
+
+    fn reap_memory(&mut self) -> Step {
+        Machine::reap_memory(self, None)
+    }
+
+    fn notify(&mut self, flags: u8) {
+        if let Err(e) = lock(&self.ged).notify(flags) {
+            log::error!("raising the GED interrupt: {e}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -29,14 +29,13 @@ use crate::config::size::format_size;
 use crate::config::VmConfig;
 use crate::control::events::Event;
 use crate::control::protocol::{ControlTarget, VmInfo};
-use crate::devices::ged::{GED_CPU, GED_MEMORY, GED_POWER_BUTTON};
+use crate::devices::ged::{GED_MEMORY, GED_POWER_BUTTON};
 use crate::devices::virtio::Wake;
 use crate::devices::{lock, DeviceEvent, ResetCause};
 use crate::host::seccomp::BpfProgram;
 use crate::kvm::vcpu::{EventSink, VcpuEvent};
 use crate::vmm::machine::{BootSpec, Host, Machine, MachineError, SharedWriter};
 use crate::vmm::memory::Step;
-use crate::vmm::resize::ResizeState;
 use crate::vmm::virtio::VirtioHost;
 
 /// What the guest uses from the file system, opened before the seccomp filters go on.
@@ -467,54 +466,14 @@ impl ControlTarget for Vmm {
         let Some(m) = self.machine.as_mut() else {
             return Err("the VM is not running".into());
         };
-        self.events.extend(m.cpus.reap_all_ejected());
-        let step = m.reap_memory(None);
-        self.apply(step);
-        let Some(m) = self.machine.as_mut() else {
-            return Err("the VM is not running".into());
+        let limits = resize::Limits {
+            max_cpus: self.host.config.cpus.max,
+            max_mem: self.host.config.memory.max(),
+            target_mem: self.next.mem,
         };
-        let plan = resize::plan(
-            &resize_state(&self.host.config, m, self.next.mem),
-            cpus,
-            mem,
-        )?;
-        // VMM-side work first; undone if any part fails, since nothing has been announced yet.
-        let started = Instant::now();
-        resize::prepare(&plan, m)?;
-        let prepared = started.elapsed();
-
-        // Commit to the controllers and announce with a single GED interrupt.
-        let mut flags = 0u8;
-        for &(slot, start, size) in &plan.add_mem {
-            self.events.push(m.memory.commit_add(slot, start, size));
-            flags |= GED_MEMORY;
-        }
-        if let Some(target) = plan.remove_mem_to {
-            let step = m.memory.start_removal(target);
-            if step.notify {
-                flags |= GED_MEMORY;
-            }
-            self.events.extend(step.events);
-        }
-        let cpu_events = m
-            .cpus
-            .commit(plan.add_cpus.clone(), plan.remove_cpus.clone(), cpus);
-        if !cpu_events.is_empty() {
-            flags |= GED_CPU;
-        }
-        self.events.extend(cpu_events);
-        if let Some(want) = plan.pending_mem {
+        if let Some(want) = resize::transact(m, &limits, cpus, mem, &mut self.events)? {
             self.next.mem = want;
         }
-        if flags != 0 {
-            if let Err(e) = lock(&m.ged).notify(flags) {
-                log::error!("raising the GED interrupt: {e}");
-            }
-        }
-        log::info!(
-            "resize: {plan:?} prepared in {prepared:?}, announced {:?} after the request",
-            started.elapsed()
-        );
         Ok(self.info())
     }
 
@@ -536,27 +495,6 @@ impl ControlTarget for Vmm {
             .map_err(|e| format!("raising the GED interrupt: {e}"))?;
         self.events.push(Event::PowerButton);
         Ok(())
-    }
-}
-
-/// The planner's view of machine `m` under `config`.
-fn resize_state(config: &VmConfig, m: &Machine, target_mem: u64) -> ResizeState {
-    let (mem_slots, _) = m.memory.slots();
-    ResizeState {
-        max_cpus: config.cpus.max,
-        present_cpus: m.cpus.present(),
-        removing: m.cpus.removing(),
-        target_cpus: m.cpus.target(),
-        removal_waited_secs: m.cpus.removal_waited_secs(),
-        boot_mem: m.memory.boot_size(),
-        max_mem: config.memory.max(),
-        window: m.memory.window(),
-        mem_slot_sizes: m.memory.slot_sizes(),
-        mem_slots,
-        removable_slot_size: m.memory.removable_slot_size(),
-        removing_mem: m.memory.removing(),
-        mem_removal_waited_secs: m.memory.removal_waited_secs(),
-        target_mem,
     }
 }
 

@@ -1,16 +1,22 @@
-//! Resize planning and its VMM-side preparation, over plain numbers and a small backend trait, so
-//! every rule and every rollback path is unit-tested without KVM.
+//! The resize transaction, over plain numbers and two small traits, so every rule and every
+//! rollback path is tested without KVM (unit tests here, and the control-line fuzz target, which
+//! runs [`transact`] on the real managers with a backend that maps nothing).
 //!
-//! A resize is: [`plan`] (validate against the machine's state, pure) → [`prepare`] (map memory,
-//! start vCPU threads; on any failure undo what was done) → commit and announce (the VMM marks the
-//! hotplug controllers and raises one GED interrupt).
+//! A resize is: reap what the guest has ejected → [`plan`] (validate against the machine's state,
+//! pure) → [`prepare`] (map memory, start vCPU threads; on any failure undo what was done) →
+//! commit to the hotplug controllers through the CPU and memory managers → one GED interrupt.
 
 use std::ops::Range;
+use std::time::Instant;
 
 use crate::arch::x86_64::layout::MEMORY_HOTPLUG_ALIGN;
 use crate::config::size::format_size;
 use crate::config::{MEMORY_SIZE_ALIGN, MIN_MEMORY_SIZE};
+use crate::control::events::Event;
 use crate::control::protocol::format_ids;
+use crate::devices::ged::{GED_CPU, GED_MEMORY};
+use crate::vmm::cpus::CpuManager;
+use crate::vmm::memory::{MemoryManager, Step};
 
 /// What the planner needs to know about the running machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -241,6 +247,115 @@ pub fn prepare(plan: &Plan, backend: &mut dyn Backend) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// A running machine as the resize transaction sees it: its KVM side ([`Backend`]) and its
+/// managers.
+pub trait Machine: Backend {
+    /// The vCPUs and the CPU hotplug controller.
+    fn cpus(&mut self) -> &mut CpuManager;
+    /// Boot RAM, the hotplug window and the memory hotplug controller.
+    fn memory(&mut self) -> &mut MemoryManager;
+    /// Unmaps the memory slots the guest has ejected (and asks for the next removal).
+    fn reap_memory(&mut self) -> Step;
+    /// Raises the GED interrupt with `flags` (a failure is logged: the guest then sees the
+    /// change at its next scan).
+    fn notify(&mut self, flags: u8);
+}
+
+/// The limits a resize is checked against: the configuration's and the next boot's.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most vCPUs (`--cpus max=`).
+    pub max_cpus: u32,
+    /// Boot RAM plus the hotplug window.
+    pub max_mem: u64,
+    /// The RAM size last requested (the next boot's size).
+    pub target_mem: u64,
+}
+
+/// The planner's view of machine `m`.
+pub fn state(m: &mut dyn Machine, limits: &Limits) -> ResizeState {
+    let (present_cpus, removing, target_cpus, removal_waited_secs) = {
+        let c = m.cpus();
+        (
+            c.present(),
+            c.removing(),
+            c.target(),
+            c.removal_waited_secs(),
+        )
+    };
+    let mem = m.memory();
+    let (mem_slots, _) = mem.slots();
+    ResizeState {
+        max_cpus: limits.max_cpus,
+        present_cpus,
+        removing,
+        target_cpus,
+        removal_waited_secs,
+        boot_mem: mem.boot_size(),
+        max_mem: limits.max_mem,
+        window: mem.window(),
+        mem_slot_sizes: mem.slot_sizes(),
+        mem_slots,
+        removable_slot_size: mem.removable_slot_size(),
+        removing_mem: mem.removing(),
+        mem_removal_waited_secs: mem.removal_waited_secs(),
+        target_mem: limits.target_mem,
+    }
+}
+
+/// Resizes machine `m` to `cpus` vCPUs and/or `mem` bytes: reaps what the guest has ejected,
+/// plans, prepares, commits to the controllers and raises one GED interrupt. Events go to
+/// `events` as they happen (reaped devices even when the request is then refused). Returns the
+/// next boot's RAM size when the request changes it.
+pub fn transact(
+    m: &mut dyn Machine,
+    limits: &Limits,
+    cpus: Option<u32>,
+    mem: Option<u64>,
+    events: &mut Vec<Event>,
+) -> Result<Option<u64>, String> {
+    events.extend(m.cpus().reap_all_ejected());
+    let reaped = m.reap_memory();
+    events.extend(reaped.events);
+    if reaped.notify {
+        m.notify(GED_MEMORY);
+    }
+    let plan = plan(&state(m, limits), cpus, mem)?;
+    // VMM-side work first; undone if any part fails, since nothing has been announced yet.
+    let started = Instant::now();
+    prepare(&plan, m)?;
+    let prepared = started.elapsed();
+
+    // Commit to the controllers and announce with a single GED interrupt.
+    let mut flags = 0u8;
+    for &(slot, start, size) in &plan.add_mem {
+        events.push(m.memory().commit_add(slot, start, size));
+        flags |= GED_MEMORY;
+    }
+    if let Some(target) = plan.remove_mem_to {
+        let step = m.memory().start_removal(target);
+        if step.notify {
+            flags |= GED_MEMORY;
+        }
+        events.extend(step.events);
+    }
+    let cpu_events = m
+        .cpus()
+        .commit(plan.add_cpus.clone(), plan.remove_cpus.clone(), cpus);
+    if !cpu_events.is_empty() {
+        flags |= GED_CPU;
+    }
+    events.extend(cpu_events);
+    if flags != 0 {
+        m.notify(flags);
+    }
+    log::info!(
+        "resize: {plan:?} prepared in {prepared:?}, announced {:?} after the request",
+        started.elapsed()
+    );
+    Ok(plan.pending_mem)
 }
 
 #[cfg(test)]
