@@ -19,19 +19,25 @@
 #![deny(missing_docs)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
-pub(crate) mod acpi;
-pub(crate) mod arch;
 pub mod config;
 pub mod control;
-pub(crate) mod devices;
-pub(crate) mod host;
-pub(crate) mod kvm;
-pub(crate) mod vmm;
 
-/// Entry points for the fuzz targets in `fuzz/` (not a stable API).
-#[cfg(feature = "fuzzing")]
-#[doc(hidden)]
-pub mod fuzzing;
+/// Declares the crate-internal layers. With the `fuzzing` feature they are public (and hidden
+/// from the documentation), so the fuzz targets in `fuzz/`, a crate of their own, drive the
+/// real code; that is not a stable API.
+macro_rules! internal_layers {
+    ($($layer:ident),* $(,)?) => {
+        $(
+            #[cfg(feature = "fuzzing")]
+            #[doc(hidden)]
+            pub mod $layer;
+            #[cfg(not(feature = "fuzzing"))]
+            mod $layer;
+        )*
+    };
+}
+
+internal_layers!(acpi, arch, devices, host, kvm, vmm);
 
 pub use config::size;
 pub use control::{api, events};

@@ -32,9 +32,11 @@ step() {
 	echo "=== run-all: $name: $([[ $rc == 0 ]] && echo ok || echo "FAILED (exit $rc)") in ${took}s"
 }
 
-step fmt cargo fmt --check
+step fmt sh -c "cargo fmt --check && cargo fmt --check --manifest-path fuzz/Cargo.toml"
 step clippy cargo clippy --all-targets -- -D warnings
 step clippy-fuzzing cargo clippy --lib --features fuzzing -- -D warnings
+# The fuzz harnesses are a crate of their own (fuzz/), outside the main workspace.
+step clippy-fuzz cargo clippy --manifest-path fuzz/Cargo.toml --lib -- -D warnings
 step doc env RUSTDOCFLAGS="-D warnings" cargo doc --no-deps
 step images tests/guest/build-images.sh
 step test cargo test --no-fail-fast "$@"

@@ -1,4 +1,4 @@
-//! Fuzz target `acpi`: the harness and its invariants are in `minivmm::fuzzing::acpi`.
+//! Fuzz target `acpi`: the harness and its invariants are in `src/acpi.rs`.
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| minivmm::fuzzing::acpi::run(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| minivmm_fuzz::acpi::run(data));

@@ -1,4 +1,4 @@
-//! Fuzz target `devices`: the harness and its invariants are in `minivmm::fuzzing::devices`.
+//! Fuzz target `devices`: the harness and its invariants are in `src/devices.rs`.
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| minivmm::fuzzing::devices::run(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| minivmm_fuzz::devices::run(data));

@@ -1,4 +1,4 @@
-//! Fuzz target `virtio`: the harness and its invariants are in `minivmm::fuzzing::virtio`.
+//! Fuzz target `virtio`: the harness and its invariants are in `src/virtio.rs`.
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| minivmm::fuzzing::virtio::run(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| minivmm_fuzz::virtio::run(data));

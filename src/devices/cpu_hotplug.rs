@@ -39,7 +39,7 @@ const FLAG_CRMV: u8 = 1 << 2;
 const FLAG_CEJ0: u8 = 1 << 3;
 
 /// The byte-wide fields of the block as the DSDT declares them (flags, then the command).
-pub(crate) const BYTE_FIELDS: [Field; 5] = [
+pub const BYTE_FIELDS: [Field; 5] = [
     Field::flag(*b"CPEN", FLAGS, FLAG_CPEN),
     Field::flag(*b"CINS", FLAGS, FLAG_CINS),
     Field::flag(*b"CRMV", FLAGS, FLAG_CRMV),
@@ -47,7 +47,7 @@ pub(crate) const BYTE_FIELDS: [Field; 5] = [
     Field::reg(*b"CCMD", CCMD, 8),
 ];
 /// The dword-wide fields of the block as the DSDT declares them.
-pub(crate) const DWORD_FIELDS: [Field; 2] = [
+pub const DWORD_FIELDS: [Field; 2] = [
     Field::reg(*b"CSEL", CSEL, 32),
     Field::reg(*b"CDAT", CDAT, 32),
 ];

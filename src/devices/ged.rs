@@ -17,7 +17,7 @@ pub const GED_MEMORY: u8 = 2;
 pub const GED_POWER_BUTTON: u8 = 8;
 
 /// The register block as the DSDT declares it: the event byte `GDAT` at offset 0.
-pub(crate) const FIELDS: [Field; 1] = [Field::reg(*b"GDAT", 0, 8)];
+pub const FIELDS: [Field; 1] = [Field::reg(*b"GDAT", 0, 8)];
 
 /// The GED register block (1 byte at offset 0).
 pub struct Ged {

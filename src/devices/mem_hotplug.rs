@@ -51,7 +51,7 @@ const FLAG_REMOVING: u8 = 1 << 2;
 const FLAG_EJECT: u8 = 1 << 3;
 
 /// The dword-wide read fields as the DSDT declares them (base, length, proximity).
-pub(crate) const READ_FIELDS: [Field; 5] = [
+pub const READ_FIELDS: [Field; 5] = [
     Field::reg(*b"MHBL", BASE, 32),
     Field::reg(*b"MHBH", BASE + 4, 32),
     Field::reg(*b"MHLL", LENGTH, 32),
@@ -59,21 +59,21 @@ pub(crate) const READ_FIELDS: [Field; 5] = [
     Field::reg(*b"MHPX", PROXIMITY, 32),
 ];
 /// The byte-wide flag fields as the DSDT declares them.
-pub(crate) const FLAG_FIELDS: [Field; 4] = [
+pub const FLAG_FIELDS: [Field; 4] = [
     Field::flag(*b"MEN_", FLAGS, FLAG_ENABLED),
     Field::flag(*b"MINS", FLAGS, FLAG_INSERTING),
     Field::flag(*b"MRMV", FLAGS, FLAG_REMOVING),
     Field::flag(*b"MEJ0", FLAGS, FLAG_EJECT),
 ];
 /// The dword-wide write fields as the DSDT declares them (selector, `_OST`).
-pub(crate) const WRITE_FIELDS: [Field; 3] = [
+pub const WRITE_FIELDS: [Field; 3] = [
     Field::reg(*b"MSEL", MSEL, 32),
     Field::reg(*b"MOEV", MOEV, 32),
     Field::reg(*b"MOSC", MOSC, 32),
 ];
 
 /// The dword-wide event field as the DSDT declares it (next slot with an event).
-pub(crate) const EVENT_FIELDS: [Field; 1] = [Field::reg(*b"MNEV", MNEV, 32)];
+pub const EVENT_FIELDS: [Field; 1] = [Field::reg(*b"MNEV", MNEV, 32)];
 
 /// Errors from filling a memory hotplug slot.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

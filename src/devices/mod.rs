@@ -15,7 +15,7 @@ pub mod ged;
 pub mod i8042;
 pub mod mem_hotplug;
 pub mod pvpanic;
-pub(crate) mod regs;
+pub mod regs;
 pub mod reset_control;
 pub mod rtc;
 pub mod serial;
@@ -25,7 +25,7 @@ pub use bus::{Bus, BusError};
 
 /// Locks a device, also after a thread panicked while holding it: device state stays usable
 /// (every device keeps its invariants between register accesses).
-pub(crate) fn lock<T: ?Sized>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub fn lock<T: ?Sized>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -167,7 +167,7 @@ pub trait BusDevice: Send {
 }
 
 #[cfg(test)]
-pub(crate) mod test_util {
+pub mod test_util {
     use super::Trigger;
     use std::sync::atomic::{AtomicUsize, Ordering};
 

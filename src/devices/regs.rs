@@ -11,7 +11,7 @@
 //! offsets (and tests beside each device drive it through its own list).
 
 /// Fills `data` with the bytes of `image` starting at `offset`; bytes past the image read as 0.
-pub(crate) fn read_image(image: &[u8], offset: u64, data: &mut [u8]) {
+pub fn read_image(image: &[u8], offset: u64, data: &mut [u8]) {
     for (i, byte) in data.iter_mut().enumerate() {
         *byte = offset
             .checked_add(i as u64)
@@ -23,7 +23,7 @@ pub(crate) fn read_image(image: &[u8], offset: u64, data: &mut [u8]) {
 
 /// If the write of `data` at `offset` overlaps the register at `reg_off..reg_off + width`
 /// (`width` <= 4), returns `old` with the covered bytes replaced (little-endian); otherwise None.
-pub(crate) fn merge_write(
+pub fn merge_write(
     old: u32,
     reg_off: u64,
     width: u64,
@@ -48,20 +48,20 @@ pub(crate) fn merge_write(
 /// One named register field as the guest's AML reaches it: `bits` bits starting at bit `bit`
 /// of the byte at `offset` of the register block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Field {
+pub struct Field {
     /// The four-character AML name.
-    pub(crate) name: [u8; 4],
+    pub name: [u8; 4],
     /// Byte offset in the register block.
-    pub(crate) offset: u64,
+    pub offset: u64,
     /// First bit within that byte.
-    pub(crate) bit: u8,
+    pub bit: u8,
     /// Width in bits.
-    pub(crate) bits: u8,
+    pub bits: u8,
 }
 
 impl Field {
     /// A whole register of `bits` bits at `offset`.
-    pub(crate) const fn reg(name: [u8; 4], offset: u64, bits: u8) -> Field {
+    pub const fn reg(name: [u8; 4], offset: u64, bits: u8) -> Field {
         Field {
             name,
             offset,
@@ -71,7 +71,7 @@ impl Field {
     }
 
     /// The one-bit flag `mask` of the byte at `offset`.
-    pub(crate) const fn flag(name: [u8; 4], offset: u64, mask: u8) -> Field {
+    pub const fn flag(name: [u8; 4], offset: u64, mask: u8) -> Field {
         Field {
             name,
             offset,
@@ -81,19 +81,19 @@ impl Field {
     }
 
     /// Position of the first bit from the start of the block.
-    pub(crate) const fn start_bit(&self) -> u64 {
+    pub const fn start_bit(&self) -> u64 {
         self.offset * 8 + self.bit as u64
     }
 
     /// Position just past the last bit.
-    pub(crate) const fn end_bit(&self) -> u64 {
+    pub const fn end_bit(&self) -> u64 {
         self.start_bit() + self.bits as u64
     }
 }
 
 /// Checks that `fields` are in ascending order, do not overlap and lie within `size` bytes.
 #[cfg(test)]
-pub(crate) fn assert_fields_fit(fields: &[Field], size: usize) {
+pub fn assert_fields_fit(fields: &[Field], size: usize) {
     let mut end = 0;
     for f in fields {
         assert!(
@@ -111,7 +111,7 @@ pub(crate) fn assert_fields_fit(fields: &[Field], size: usize) {
 
 /// Reads field `name` of `fields` from `dev` as AML would: the bytes it covers, then its bits.
 #[cfg(test)]
-pub(crate) fn aml_read(dev: &mut dyn super::BusDevice, fields: &[Field], name: &[u8; 4]) -> u64 {
+pub fn aml_read(dev: &mut dyn super::BusDevice, fields: &[Field], name: &[u8; 4]) -> u64 {
     let f = find_field(fields, name);
     let len = (f.end_bit() - f.offset * 8).div_ceil(8) as usize;
     let mut data = vec![0u8; len];
@@ -126,7 +126,7 @@ pub(crate) fn aml_read(dev: &mut dyn super::BusDevice, fields: &[Field], name: &
 /// Writes `value` to field `name` of `fields` as AML would with `WriteAsZeroes`: the bytes the
 /// field covers, other bits zero.
 #[cfg(test)]
-pub(crate) fn aml_write(
+pub fn aml_write(
     dev: &mut dyn super::BusDevice,
     fields: &[Field],
     name: &[u8; 4],

@@ -1,5 +1,5 @@
 //! Facilities of the host process: the seccomp filters, the terminal, the logger.
 
 pub mod logger;
-pub(crate) mod seccomp;
-pub(crate) mod terminal;
+pub mod seccomp;
+pub mod terminal;

@@ -208,7 +208,7 @@ pub fn install_sigsys_handler() -> Result<(), SeccompError> {
 /// thread makes a system call no filter allows (`getppid`), so the tests can check that each
 /// thread kind is confined and killed with [`SECCOMP_EXIT_CODE`] and the message. Release builds
 /// have no probe.
-pub(crate) fn probe_forbidden_syscall(kind: &str) {
+pub fn probe_forbidden_syscall(kind: &str) {
     if cfg!(debug_assertions)
         && std::env::var_os("MINIVMM_TEST_FORBIDDEN_SYSCALL").is_some_and(|v| v == kind)
     {

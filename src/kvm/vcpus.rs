@@ -14,14 +14,14 @@ struct Slot {
 }
 
 /// Every possible vCPU index (`0..max`) of one boot.
-pub(crate) struct Vcpus {
+pub struct Vcpus {
     slots: Vec<Slot>,
     max: u32,
 }
 
 impl Vcpus {
     /// `max` empty slots.
-    pub(crate) fn new(max: u32) -> Self {
+    pub fn new(max: u32) -> Self {
         Vcpus {
             slots: (0..max).map(|_| Slot::default()).collect(),
             max,
@@ -30,7 +30,7 @@ impl Vcpus {
 
     /// Runs `fd` as vCPU `id` (a fd the caller created, e.g. the boot vCPU with its registers).
     /// An `id` at or above `max` is an error (the VMM only plans indices below it).
-    pub(crate) fn run(&mut self, id: u32, fd: VcpuFd, ctx: &VcpuContext) -> Result<(), VcpuError> {
+    pub fn run(&mut self, id: u32, fd: VcpuFd, ctx: &VcpuContext) -> Result<(), VcpuError> {
         let max = self.max;
         let slot = self
             .slots
@@ -41,7 +41,7 @@ impl Vcpus {
     }
 
     /// Starts vCPU `id`, reusing its parked fd or creating one in `vm`.
-    pub(crate) fn start(&mut self, id: u32, vm: &Vm, ctx: &VcpuContext) -> Result<(), String> {
+    pub fn start(&mut self, id: u32, vm: &Vm, ctx: &VcpuContext) -> Result<(), String> {
         let slot = self
             .slots
             .get_mut(id as usize)
@@ -54,7 +54,7 @@ impl Vcpus {
     }
 
     /// Stops vCPU `id`'s thread and parks its fd; false if it was not running.
-    pub(crate) fn stop(&mut self, id: u32) -> bool {
+    pub fn stop(&mut self, id: u32) -> bool {
         let Some(slot) = self.slots.get_mut(id as usize) else {
             return false;
         };
@@ -69,7 +69,7 @@ impl Vcpus {
     }
 
     /// Indices with a running thread.
-    pub(crate) fn running(&self) -> impl Iterator<Item = u32> + '_ {
+    pub fn running(&self) -> impl Iterator<Item = u32> + '_ {
         self.slots
             .iter()
             .enumerate()
@@ -78,7 +78,7 @@ impl Vcpus {
     }
 
     /// Stops every thread: all are signalled first, then joined.
-    pub(crate) fn stop_all(&mut self) {
+    pub fn stop_all(&mut self) {
         for slot in &self.slots {
             if let Some(t) = &slot.thread {
                 t.signal_stop();

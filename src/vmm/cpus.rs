@@ -20,7 +20,7 @@ use crate::kvm::vcpus::Vcpus;
 use crate::kvm::vm::Vm;
 
 /// vCPU threads, the CPU hotplug controller and the removal state of one boot.
-pub(crate) struct CpuManager {
+pub struct CpuManager {
     vcpus: Vcpus,
     device: Arc<Mutex<CpuHotplug>>,
     target: u32,
@@ -29,7 +29,7 @@ pub(crate) struct CpuManager {
 
 impl CpuManager {
     /// `max` possible vCPUs of which `0..boot` are present (threads start with [`Self::run`]).
-    pub(crate) fn new(max: u32, boot: u32) -> Self {
+    pub fn new(max: u32, boot: u32) -> Self {
         CpuManager {
             vcpus: Vcpus::new(max),
             device: Arc::new(Mutex::new(CpuHotplug::new(max, boot))),
@@ -39,53 +39,53 @@ impl CpuManager {
     }
 
     /// The controller, for the MMIO bus.
-    pub(crate) fn device(&self) -> Arc<Mutex<CpuHotplug>> {
+    pub fn device(&self) -> Arc<Mutex<CpuHotplug>> {
         self.device.clone()
     }
 
     /// Runs `fd` (created and set up by the caller) as vCPU `id`.
-    pub(crate) fn run(&mut self, id: u32, fd: VcpuFd, ctx: &VcpuContext) -> Result<(), VcpuError> {
+    pub fn run(&mut self, id: u32, fd: VcpuFd, ctx: &VcpuContext) -> Result<(), VcpuError> {
         self.vcpus.run(id, fd, ctx)
     }
 
     /// Starts vCPU `id` for a hot-add (a parked fd is reused).
-    pub(crate) fn start(&mut self, id: u32, vm: &Vm, ctx: &VcpuContext) -> Result<(), String> {
+    pub fn start(&mut self, id: u32, vm: &Vm, ctx: &VcpuContext) -> Result<(), String> {
         self.vcpus.start(id, vm, ctx)
     }
 
     /// Stops vCPU `id`'s thread (rollback of a hot-add, or after an eject).
-    pub(crate) fn stop(&mut self, id: u32) -> bool {
+    pub fn stop(&mut self, id: u32) -> bool {
         self.vcpus.stop(id)
     }
 
     /// Stops every vCPU thread.
-    pub(crate) fn stop_all(&mut self) {
+    pub fn stop_all(&mut self) {
         self.vcpus.stop_all();
     }
 
     /// vCPUs present for the guest now (including those it is asked to remove).
-    pub(crate) fn present(&self) -> u32 {
+    pub fn present(&self) -> u32 {
         lock(&self.device).enabled_count()
     }
 
     /// vCPUs waiting for the guest's eject, ascending.
-    pub(crate) fn removing(&self) -> Vec<u32> {
+    pub fn removing(&self) -> Vec<u32> {
         lock(&self.device).pending_removals()
     }
 
     /// The vCPU count last asked for (the next boot's count).
-    pub(crate) fn target(&self) -> u32 {
+    pub fn target(&self) -> u32 {
         self.target
     }
 
     /// Seconds since the pending removal was requested (0 without one).
-    pub(crate) fn removal_waited_secs(&self) -> u64 {
+    pub fn removal_waited_secs(&self) -> u64 {
         self.removal_since.map_or(0, |t| t.elapsed().as_secs())
     }
 
     /// Announces the planned change to the controller (threads of `add` already run); the
     /// caller raises the GED interrupt if the returned events are not empty.
-    pub(crate) fn commit(
+    pub fn commit(
         &mut self,
         add: Range<u32>,
         remove: Range<u32>,
@@ -113,7 +113,7 @@ impl CpuManager {
 
     /// Stops the thread of `cpu` if the guest ejected it (its fd is kept for a later add).
     /// Returns the `cpu-ejected` event, or None for a stale eject (the CPU was added again).
-    pub(crate) fn reap(&mut self, cpu: u32) -> Option<Event> {
+    pub fn reap(&mut self, cpu: u32) -> Option<Event> {
         if lock(&self.device).is_enabled(cpu) {
             return None;
         }
@@ -128,7 +128,7 @@ impl CpuManager {
     }
 
     /// Reaps every CPU the guest has ejected whose eject event may still be queued.
-    pub(crate) fn reap_all_ejected(&mut self) -> Vec<Event> {
+    pub fn reap_all_ejected(&mut self) -> Vec<Event> {
         let ejected: Vec<u32> = {
             let hp = lock(&self.device);
             self.vcpus
@@ -144,7 +144,7 @@ impl CpuManager {
 
     /// Withdraws the pending removal of `cpu` after the guest refused it: the CPU stays
     /// present and later resizes are not blocked. False if no removal of `cpu` was pending.
-    pub(crate) fn withdraw_removal(&mut self, cpu: u32) -> bool {
+    pub fn withdraw_removal(&mut self, cpu: u32) -> bool {
         let mut hp = lock(&self.device);
         if !hp.cancel_removal(cpu) {
             return false;

@@ -131,7 +131,7 @@ impl Timeout {
 }
 
 /// A request from an embedder's [`crate::control::api::VmHandle`], answered on its own channel.
-pub(crate) enum Command {
+pub enum Command {
     Resize {
         cpus: Option<u32>,
         mem: Option<u64>,
@@ -146,13 +146,13 @@ pub(crate) enum Command {
 }
 
 /// Where an embedder's commands arrive: the channel and the eventfd that wakes the loop.
-pub(crate) struct Inbox {
+pub struct Inbox {
     pub rx: Receiver<Command>,
     pub wake: Arc<EventFd>,
 }
 
 /// What the loop watches besides the VMM's own fds.
-pub(crate) struct Sources {
+pub struct Sources {
     /// The control pipe, if any.
     pub control: Option<ControlServer>,
     /// Host console input (None with `--serial off|file`).
@@ -312,7 +312,7 @@ fn read_signal(fd: RawFd) -> Option<i32> {
 ///
 /// Events the VMM queues are sent to `watch` clients and embedder channels after each wakeup;
 /// the last one, `exit`, is flushed without waiting before the loop returns.
-pub(crate) fn run(vmm: &mut Vmm, mut sources: Sources) -> Result<Exit, EventLoopError> {
+pub fn run(vmm: &mut Vmm, mut sources: Sources) -> Result<Exit, EventLoopError> {
     let io = |what| move |e| EventLoopError::Io(what, e);
     let epoll = Epoll::new().map_err(io("epoll_create1"))?;
     let add = |fd: RawFd, token: Token| {

@@ -119,7 +119,7 @@ pub fn exit_code(result: &Result<Exit, Error>) -> i32 {
 }
 
 /// How the process hosts minivmm: what it may take over besides the VM itself.
-pub(crate) struct Hosting {
+pub struct Hosting {
     /// Guest console output for `--serial` modes that do not name one (an embedder's writer).
     pub serial_out: Option<Box<dyn std::io::Write + Send>>,
     /// Block SIGTERM/SIGINT/SIGHUP in the calling thread and stop the VM when one arrives.
@@ -129,7 +129,7 @@ pub(crate) struct Hosting {
 }
 
 /// A booted VM with everything its event loop serves, on the thread that will run the loop.
-pub(crate) struct Launched {
+pub struct Launched {
     vmm: crate::vmm::Vmm,
     sources: crate::vmm::event_loop::Sources,
     // Restore the terminal when the run ends (declared after `vmm`, so dropped after it).
@@ -139,7 +139,7 @@ pub(crate) struct Launched {
 
 impl Launched {
     /// Runs the event loop until the VM stops, then stops the vCPUs.
-    pub(crate) fn serve(mut self) -> Result<Exit, Error> {
+    pub fn serve(mut self) -> Result<Exit, Error> {
         let exit = crate::vmm::event_loop::run(&mut self.vmm, self.sources)?;
         self.vmm.teardown();
         Ok(exit)
@@ -148,7 +148,7 @@ impl Launched {
 
 /// Opens everything the VM needs, installs the seccomp filters on the calling thread (which
 /// then runs the event loop, see [`Launched::serve`]) and boots the guest.
-pub(crate) fn launch(config: VmConfig, hosting: Hosting) -> Result<Launched, Error> {
+pub fn launch(config: VmConfig, hosting: Hosting) -> Result<Launched, Error> {
     let started = std::time::Instant::now();
     // Everything that needs the file system or new fds happens before the filters go on.
     let kvm = crate::kvm::vm::open_kvm()?;

@@ -87,36 +87,36 @@ impl Write for SharedWriter {
 
 /// What every boot is built from and what outlives it: the configuration, the open kernel
 /// files, the interrupt eventfds the loop and KVM share, and where vCPU events go.
-pub(crate) struct Host {
-    pub(crate) config: VmConfig,
-    pub(crate) kvm: Kvm,
-    pub(crate) kernel: File,
-    pub(crate) initramfs: Option<File>,
+pub struct Host {
+    pub config: VmConfig,
+    pub kvm: Kvm,
+    pub kernel: File,
+    pub initramfs: Option<File>,
     /// The kernel command line with minivmm's additions.
-    pub(crate) cmdline: String,
-    pub(crate) serial_out: SharedWriter,
-    pub(crate) serial_irq: EventFd,
-    pub(crate) ged_irq: EventFd,
+    pub cmdline: String,
+    pub serial_out: SharedWriter,
+    pub serial_irq: EventFd,
+    pub ged_irq: EventFd,
     /// Signalled when the guest drained the UART's receive FIFO.
-    pub(crate) input_room: Arc<EventFd>,
-    pub(crate) sink: EventSink,
+    pub input_room: Arc<EventFd>,
+    pub sink: EventSink,
     /// Installed on every vCPU thread.
-    pub(crate) vcpu_filter: Option<Arc<BpfProgram>>,
+    pub vcpu_filter: Option<Arc<BpfProgram>>,
     /// Disk files and the vsock muxer.
-    pub(crate) virtio: VirtioHost,
+    pub virtio: VirtioHost,
 }
 
 /// Sizes of a boot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct BootSpec {
+pub struct BootSpec {
     /// vCPUs present at boot.
-    pub(crate) cpus: u32,
+    pub cpus: u32,
     /// Boot RAM.
-    pub(crate) mem: u64,
+    pub mem: u64,
 }
 
 /// ACPI configuration for a boot of `cpus` vCPUs and `mem` bytes of RAM.
-pub(crate) fn acpi_config(config: &VmConfig, cpus: u32, mem: u64) -> AcpiConfig {
+pub fn acpi_config(config: &VmConfig, cpus: u32, mem: u64) -> AcpiConfig {
     let window = memory::hotplug_window(mem, config.memory.max() - mem);
     AcpiConfig {
         boot_cpus: cpus,
@@ -132,24 +132,24 @@ pub(crate) fn acpi_config(config: &VmConfig, cpus: u32, mem: u64) -> AcpiConfig 
 type SharedDevice = Arc<Mutex<dyn BusDevice>>;
 
 /// One boot of the guest.
-pub(crate) struct Machine {
-    pub(crate) vm: Vm,
+pub struct Machine {
+    pub vm: Vm,
     /// What the vCPU threads dispatch to.
-    pub(crate) ctx: VcpuContext,
-    pub(crate) serial: Arc<Mutex<SerialDevice>>,
-    pub(crate) ged: Arc<Mutex<Ged>>,
-    pub(crate) cpus: CpuManager,
-    pub(crate) memory: MemoryManager,
-    pub(crate) virtio: VirtioDevices,
+    pub ctx: VcpuContext,
+    pub serial: Arc<Mutex<SerialDevice>>,
+    pub ged: Arc<Mutex<Ged>>,
+    pub cpus: CpuManager,
+    pub memory: MemoryManager,
+    pub virtio: VirtioDevices,
     /// When this boot started (before the VM was created).
-    pub(crate) started: Instant,
+    pub started: Instant,
     /// Time from `started` to the guest's first debug-port write.
-    pub(crate) boot_marker: Option<Duration>,
+    pub boot_marker: Option<Duration>,
 }
 
 impl Machine {
     /// Builds the VM for `spec`, loads the guest and starts its boot vCPUs.
-    pub(crate) fn boot(host: &mut Host, spec: BootSpec) -> Result<Machine, MachineError> {
+    pub fn boot(host: &mut Host, spec: BootSpec) -> Result<Machine, MachineError> {
         let started = Instant::now();
         let max_cpus = host.config.cpus.max;
         // cpu-online events are opt-in: guests in the nested emulated test host hung or
@@ -214,13 +214,13 @@ impl Machine {
     }
 
     /// Stops every vCPU; the VM and its memory go when the machine is dropped.
-    pub(crate) fn stop(&mut self) {
+    pub fn stop(&mut self) {
         self.cpus.stop_all();
     }
 
     /// Unmaps memory slot `slot` after the guest's eject (None: the slot being removed, if the
     /// guest has ejected it) and asks for the next one while the shrink's target allows.
-    pub(crate) fn reap_memory(&mut self, slot: Option<usize>) -> Step {
+    pub fn reap_memory(&mut self, slot: Option<usize>) -> Step {
         let vm = &mut self.vm;
         let mut unmap = |start: u64| {
             vm.remove_memory(GuestAddress(start))

@@ -18,14 +18,14 @@ use crate::devices::mem_hotplug::MemHotplug;
 
 /// ACPI memory devices (`Mnnn`) for a hotplug window: one per 128 MiB step, capped at
 /// [`layout::MAX_MEMORY_HOTPLUG_SLOTS`].
-pub(crate) fn hotplug_slots(window: &Range<u64>) -> usize {
+pub fn hotplug_slots(window: &Range<u64>) -> usize {
     let steps = (window.end - window.start) / layout::MEMORY_HOTPLUG_ALIGN;
     (steps as usize).min(layout::MAX_MEMORY_HOTPLUG_SLOTS)
 }
 
 /// Size of the slots a removable window is hot-added in: 128 MiB, or more where the window
 /// has more 128 MiB steps than there are slots, so that slots of this size fill the whole window.
-pub(crate) fn removable_slot_size(window: &Range<u64>) -> u64 {
+pub fn removable_slot_size(window: &Range<u64>) -> u64 {
     let len = window.end - window.start;
     let per_slot = len.div_ceil(layout::MAX_MEMORY_HOTPLUG_SLOTS as u64);
     per_slot
@@ -35,7 +35,7 @@ pub(crate) fn removable_slot_size(window: &Range<u64>) -> u64 {
 
 /// Unregisters and unmaps the hot-added memory that starts at the given guest-physical address
 /// (for a machine, [`crate::kvm::vm::Vm::remove_memory`]).
-pub(crate) type Unmap<'a> = &'a mut dyn FnMut(u64) -> Result<(), String>;
+pub type Unmap<'a> = &'a mut dyn FnMut(u64) -> Result<(), String>;
 
 /// A hot-added slot present now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,11 +57,11 @@ struct Removal {
 
 /// What [`MemoryManager`] asks its caller to do after a step of a live removal.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub(crate) struct Step {
+pub struct Step {
     /// Events for the front ends.
-    pub(crate) events: Vec<Event>,
+    pub events: Vec<Event>,
     /// The controller has a new removal request: raise GED [`crate::devices::ged::GED_MEMORY`].
-    pub(crate) notify: bool,
+    pub notify: bool,
 }
 
 /// Boot RAM, the hotplug window and its controller, for one boot.
@@ -69,7 +69,7 @@ pub(crate) struct Step {
 /// Hot-added slots form a stack from the window's start: a grow pushes slots on top, a live
 /// removal (with `removable`) pops them from the top, one at a time, each only after the guest
 /// has offlined and ejected it. Slot `i` of the controller is the `i`-th slot of the stack.
-pub(crate) struct MemoryManager {
+pub struct MemoryManager {
     boot: u64,
     window: Range<u64>,
     slots: Vec<Slot>,
@@ -83,7 +83,7 @@ pub(crate) struct MemoryManager {
 impl MemoryManager {
     /// `boot` bytes of boot RAM and the window, removability and removal timeout of `config`
     /// (whose `size` is the first boot's RAM; later boots may have another).
-    pub(crate) fn new(boot: u64, config: &MemoryConfig) -> Self {
+    pub fn new(boot: u64, config: &MemoryConfig) -> Self {
         let window = memory::hotplug_window(boot, config.max().saturating_sub(boot));
         let device = Arc::new(Mutex::new(MemHotplug::new(hotplug_slots(&window))));
         MemoryManager {
@@ -98,63 +98,63 @@ impl MemoryManager {
     }
 
     /// The controller, for the MMIO bus.
-    pub(crate) fn device(&self) -> Arc<Mutex<MemHotplug>> {
+    pub fn device(&self) -> Arc<Mutex<MemHotplug>> {
         self.device.clone()
     }
 
     /// Boot RAM.
-    pub(crate) fn boot_size(&self) -> u64 {
+    pub fn boot_size(&self) -> u64 {
         self.boot
     }
 
     /// RAM the guest has now: boot RAM plus the hot-added slots (including one being removed).
-    pub(crate) fn size(&self) -> u64 {
+    pub fn size(&self) -> u64 {
         self.boot + self.hotplugged()
     }
 
     /// Bytes hot-added and present now (the window fills from its start).
-    pub(crate) fn hotplugged(&self) -> u64 {
+    pub fn hotplugged(&self) -> u64 {
         self.slots.iter().map(|s| s.size).sum()
     }
 
     /// Sizes of the hot-added slots present now, bottom first.
-    pub(crate) fn slot_sizes(&self) -> Vec<u64> {
+    pub fn slot_sizes(&self) -> Vec<u64> {
         self.slots.iter().map(|s| s.size).collect()
     }
 
     /// The slot size grows are split into, if hot-added memory is removable live.
-    pub(crate) fn removable_slot_size(&self) -> Option<u64> {
+    pub fn removable_slot_size(&self) -> Option<u64> {
         self.removable
     }
 
     /// The hotplug window (guest-physical).
-    pub(crate) fn window(&self) -> Range<u64> {
+    pub fn window(&self) -> Range<u64> {
         self.window.clone()
     }
 
     /// (slots, used slots) of the controller.
-    pub(crate) fn slots(&self) -> (usize, usize) {
+    pub fn slots(&self) -> (usize, usize) {
         (lock(&self.device).slots(), self.slots.len())
     }
 
     /// The slot whose removal waits for the guest's eject, if any.
-    pub(crate) fn removing(&self) -> Option<usize> {
+    pub fn removing(&self) -> Option<usize> {
         self.removal.map(|r| r.slot)
     }
 
     /// Seconds the pending removal has waited (0 without one).
-    pub(crate) fn removal_waited_secs(&self) -> u64 {
+    pub fn removal_waited_secs(&self) -> u64 {
         self.removal.map_or(0, |r| r.since.elapsed().as_secs())
     }
 
     /// When the pending removal is given up if the guest has not ejected the slot by then.
-    pub(crate) fn removal_deadline(&self) -> Option<Instant> {
+    pub fn removal_deadline(&self) -> Option<Instant> {
         self.removal.map(|r| r.since + self.remove_timeout)
     }
 
     /// Announces `size` bytes at `start`, already mapped into the VM, as slot `slot` (the next
     /// one on the stack); the caller raises the GED interrupt.
-    pub(crate) fn commit_add(&mut self, slot: usize, start: u64, size: u64) -> Event {
+    pub fn commit_add(&mut self, slot: usize, start: u64, size: u64) -> Event {
         if let Err(e) = lock(&self.device).insert(slot, start, size) {
             log::error!("memory hotplug slot {slot}: {e}");
         }
@@ -165,7 +165,7 @@ impl MemoryManager {
     /// Starts a live shrink towards `target` bytes: asks the guest to eject the top slot if
     /// removing it keeps at least `target`. Without removable memory, or when the top slot does
     /// not fit, nothing happens (the shrink waits for the next reboot).
-    pub(crate) fn start_removal(&mut self, target: u64) -> Step {
+    pub fn start_removal(&mut self, target: u64) -> Step {
         if self.removable.is_none() || self.removal.is_some() {
             return Step::default();
         }
@@ -203,7 +203,7 @@ impl MemoryManager {
     /// After the guest ejected `slot`: unmaps its memory through `unmap` (given the slot's
     /// guest-physical start) and asks for the next slot while the target allows. A stale or
     /// unexpected eject changes nothing.
-    pub(crate) fn reap(&mut self, slot: usize, unmap: Unmap<'_>) -> Step {
+    pub fn reap(&mut self, slot: usize, unmap: Unmap<'_>) -> Step {
         let Some(removal) = self.removal.filter(|r| r.slot == slot) else {
             return Step::default();
         };
@@ -236,7 +236,7 @@ impl MemoryManager {
 
     /// Reaps the slot being removed if the guest has already ejected it (its eject event may
     /// still be queued).
-    pub(crate) fn reap_ejected(&mut self, unmap: Unmap<'_>) -> Step {
+    pub fn reap_ejected(&mut self, unmap: Unmap<'_>) -> Step {
         match self.removal {
             Some(r) if !lock(&self.device).is_enabled(r.slot) => self.reap(r.slot, unmap),
             _ => Step::default(),
@@ -246,7 +246,7 @@ impl MemoryManager {
     /// Gives up the removal of `slot` (the guest refused it, `reason` is its `_OST` report, or
     /// `timeout`): the slot stays, a late eject is refused, and the rest of the shrink waits
     /// for the next reboot. None if no removal of `slot` was pending.
-    pub(crate) fn withdraw(&mut self, slot: usize, reason: &str) -> Option<Event> {
+    pub fn withdraw(&mut self, slot: usize, reason: &str) -> Option<Event> {
         self.removal.filter(|r| r.slot == slot)?;
         self.removal = None;
         lock(&self.device).cancel_removal(slot);
@@ -260,7 +260,7 @@ impl MemoryManager {
     }
 
     /// Withdraws the pending removal if its deadline has passed by `now`.
-    pub(crate) fn check_timeout(&mut self, now: Instant) -> Option<Event> {
+    pub fn check_timeout(&mut self, now: Instant) -> Option<Event> {
         let deadline = self.removal_deadline()?;
         if now < deadline {
             return None;

@@ -7,15 +7,15 @@
 //! memory and CPU managers commit it to the hotplug controllers and one GED interrupt tells the
 //! guest.
 
-pub(crate) mod cpus;
-pub(crate) mod event_loop;
+pub mod cpus;
+pub mod event_loop;
 pub mod exit;
-pub(crate) mod launch;
-pub(crate) mod machine;
-pub(crate) mod memory;
-pub(crate) mod ost;
-pub(crate) mod resize;
-pub(crate) mod virtio;
+pub mod launch;
+pub mod machine;
+pub mod memory;
+pub mod ost;
+pub mod resize;
+pub mod virtio;
 
 use std::fs::File;
 use std::sync::mpsc::{channel, Receiver};
@@ -45,7 +45,7 @@ pub struct GuestFiles {
     /// The initramfs image, if any.
     pub initramfs: Option<File>,
     /// The disk images and the vsock socket.
-    pub(crate) virtio: VirtioHost,
+    pub virtio: VirtioHost,
 }
 
 /// A lifecycle change asked for by a front end, carried out after the reply is sent.

@@ -2,22 +2,22 @@
 //! `info`, and which reports are final failures.
 
 /// `_OST` source event: device insertion (the VMM's device-check notification).
-pub(crate) const EVENT_INSERT: u32 = 1;
+pub const EVENT_INSERT: u32 = 1;
 /// `_OST` source event: eject request (the VMM's eject notification).
-pub(crate) const EVENT_EJECT: u32 = 3;
+pub const EVENT_EJECT: u32 = 3;
 /// `_OST` source event: an eject the guest started itself.
 const EVENT_OSPM_EJECT: u32 = 0x103;
 /// `_OST` source event: an insertion the guest started itself.
 const EVENT_OSPM_INSERT: u32 = 0x200;
 
 /// Whether `event` is one of the two eject events.
-pub(crate) fn is_eject(event: u32) -> bool {
+pub fn is_eject(event: u32) -> bool {
     matches!(event, EVENT_EJECT | EVENT_OSPM_EJECT)
 }
 
 /// A short name for an `_OST` event and status, e.g. `eject:busy`; unknown codes keep their
 /// numbers (`event0x7:unknown0x99`).
-pub(crate) fn describe(event: u32, status: u32) -> String {
+pub fn describe(event: u32, status: u32) -> String {
     let ev = match event {
         EVENT_INSERT => "insert",
         EVENT_EJECT => "eject",
@@ -48,7 +48,7 @@ pub(crate) fn describe(event: u32, status: u32) -> String {
 }
 
 /// Whether a report is final and not a success (an in-progress report is neither).
-pub(crate) fn failed(event: u32, status: u32) -> bool {
+pub fn failed(event: u32, status: u32) -> bool {
     let in_progress = matches!(
         (event, status),
         (EVENT_EJECT | EVENT_OSPM_EJECT, 0x84) | (EVENT_INSERT | EVENT_OSPM_INSERT, 0x80)

@@ -39,24 +39,24 @@ pub enum VirtioSetupError {
 }
 
 /// A disk image, opened at start.
-pub(crate) struct HostDisk {
-    pub(crate) file: Arc<File>,
+pub struct HostDisk {
+    pub file: Arc<File>,
     /// Image size in bytes.
-    pub(crate) size: u64,
-    pub(crate) readonly: bool,
+    pub size: u64,
+    pub readonly: bool,
 }
 
 /// What the virtio devices use on the host, for every boot.
 #[derive(Default)]
-pub(crate) struct VirtioHost {
-    pub(crate) disks: Vec<HostDisk>,
+pub struct VirtioHost {
+    pub disks: Vec<HostDisk>,
     /// The guest CID and the host side of the vsock device.
-    pub(crate) vsock: Option<(u64, Arc<Mutex<VsockMuxer>>)>,
+    pub vsock: Option<(u64, Arc<Mutex<VsockMuxer>>)>,
 }
 
 impl VirtioHost {
     /// The vsock muxer's epoll changes since the last call.
-    pub(crate) fn vsock_interest_changes(&self) -> Vec<Interest> {
+    pub fn vsock_interest_changes(&self) -> Vec<Interest> {
         match &self.vsock {
             Some((_, muxer)) => lock(muxer).take_interest_changes(),
             None => Vec::new(),
@@ -64,7 +64,7 @@ impl VirtioHost {
     }
 
     /// Whether the vsock muxer has connections whose timeouts need a periodic tick.
-    pub(crate) fn vsock_needs_tick(&self) -> bool {
+    pub fn vsock_needs_tick(&self) -> bool {
         self.vsock
             .as_ref()
             .is_some_and(|(_, muxer)| lock(muxer).connections() > 0)
@@ -80,7 +80,7 @@ struct Slot {
 
 /// The virtio devices of one boot.
 #[derive(Default)]
-pub(crate) struct VirtioDevices {
+pub struct VirtioDevices {
     slots: Vec<Slot>,
     /// Index of the vsock device in `slots`.
     vsock: Option<usize>,
@@ -89,7 +89,7 @@ pub(crate) struct VirtioDevices {
 impl VirtioDevices {
     /// Creates the devices for `host` on `vm`: transports on `mmio`, interrupt lines as irqfds,
     /// queue kicks as ioeventfds. The vsock muxer drops the connections of the previous boot.
-    pub(crate) fn new(
+    pub fn new(
         host: &VirtioHost,
         vm: &Vm,
         mmio: &mut Bus,
@@ -139,7 +139,7 @@ impl VirtioDevices {
     }
 
     /// Every queue-kick eventfd with its (device, queue) index, for the event loop.
-    pub(crate) fn kick_fds(&self) -> Vec<(RawFd, usize, usize)> {
+    pub fn kick_fds(&self) -> Vec<(RawFd, usize, usize)> {
         let mut fds = Vec::new();
         for (d, slot) in self.slots.iter().enumerate() {
             for (q, evt) in slot.kicks.iter().enumerate() {
@@ -150,7 +150,7 @@ impl VirtioDevices {
     }
 
     /// The guest kicked queue `queue` of device `device`.
-    pub(crate) fn kick(&self, device: usize, queue: usize, mem: &GuestMemoryMmap) {
+    pub fn kick(&self, device: usize, queue: usize, mem: &GuestMemoryMmap) {
         let Some(slot) = self.slots.get(device) else {
             return;
         };
@@ -163,14 +163,14 @@ impl VirtioDevices {
 
     /// Carries out the device resets and activations the guest's status writes asked for
     /// (on the main thread: a vsock reset closes host connections).
-    pub(crate) fn settle(&self) {
+    pub fn settle(&self) {
         for slot in &self.slots {
             lock(&slot.transport).settle();
         }
     }
 
     /// A host fd of the vsock device is ready (or, with `wake` = [`Wake::Tick`], its timeouts).
-    pub(crate) fn vsock_wake(&self, wake: Wake, mem: &GuestMemoryMmap) {
+    pub fn vsock_wake(&self, wake: Wake, mem: &GuestMemoryMmap) {
         if let Some(slot) = self.vsock.and_then(|i| self.slots.get(i)) {
             lock(&slot.transport).process(wake, mem);
         }

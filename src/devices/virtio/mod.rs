@@ -87,7 +87,7 @@ pub trait VirtioDevice: Send {
 
 /// Copies `src` into `data` from `offset`, zero-filling what lies past `src`'s end (for
 /// configuration-space reads of any width at any offset).
-pub(crate) fn read_config_bytes(src: &[u8], offset: u64, data: &mut [u8]) {
+pub fn read_config_bytes(src: &[u8], offset: u64, data: &mut [u8]) {
     for (i, byte) in data.iter_mut().enumerate() {
         *byte = usize::try_from(offset)
             .ok()

@@ -28,58 +28,58 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::epoll::{ControlOperation, EpollEvent, EventSet};
 
 /// The host's CID.
-pub(crate) const HOST_CID: u64 = 2;
+pub const HOST_CID: u64 = 2;
 /// The only socket type supported: stream.
-pub(crate) const TYPE_STREAM: u16 = 1;
+pub const TYPE_STREAM: u16 = 1;
 /// Connection request.
-pub(crate) const OP_REQUEST: u16 = 1;
+pub const OP_REQUEST: u16 = 1;
 /// Connection accepted.
-pub(crate) const OP_RESPONSE: u16 = 2;
+pub const OP_RESPONSE: u16 = 2;
 /// Connection refused or torn down.
-pub(crate) const OP_RST: u16 = 3;
+pub const OP_RST: u16 = 3;
 /// The sender will receive and/or send no more (see the `SHUTDOWN_*` flags).
-pub(crate) const OP_SHUTDOWN: u16 = 4;
+pub const OP_SHUTDOWN: u16 = 4;
 /// Data.
-pub(crate) const OP_RW: u16 = 5;
+pub const OP_RW: u16 = 5;
 /// Credit information, unsolicited or in answer to a request.
-pub(crate) const OP_CREDIT_UPDATE: u16 = 6;
+pub const OP_CREDIT_UPDATE: u16 = 6;
 /// Asks the peer for an `OP_CREDIT_UPDATE`.
-pub(crate) const OP_CREDIT_REQUEST: u16 = 7;
+pub const OP_CREDIT_REQUEST: u16 = 7;
 /// `OP_SHUTDOWN` flag: the sender will receive no more.
-pub(crate) const SHUTDOWN_RCV: u32 = 1;
+pub const SHUTDOWN_RCV: u32 = 1;
 /// `OP_SHUTDOWN` flag: the sender will send no more.
-pub(crate) const SHUTDOWN_SEND: u32 = 2;
+pub const SHUTDOWN_SEND: u32 = 2;
 
 /// Receive buffer promised to the guest per connection: the most guest data held for a host
 /// peer that does not read.
-pub(crate) const BUF_ALLOC: u32 = 256 << 10;
+pub const BUF_ALLOC: u32 = 256 << 10;
 /// Most accepted clients still writing their `CONNECT` line; further clients are closed at once.
-pub(crate) const MAX_PENDING: usize = 64;
+pub const MAX_PENDING: usize = 64;
 /// Most connections of any kind (each holds one fd and up to [`BUF_ALLOC`] bytes).
-pub(crate) const MAX_CONNS: usize = 1024;
+pub const MAX_CONNS: usize = 1024;
 /// Most reset packets queued for connections that no longer exist; beyond it a guest that
 /// floods the TX queue without reading its RX queue loses them.
-pub(crate) const MAX_CONTROL_QUEUE: usize = 1024;
+pub const MAX_CONTROL_QUEUE: usize = 1024;
 /// Longest `CONNECT <port>` line, newline excluded.
 const MAX_CONNECT_LINE: usize = 32;
 /// First host port given to host-initiated connections.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 /// How long a client may take to write its `CONNECT` line.
-pub(crate) const PENDING_TIMEOUT: Duration = Duration::from_secs(5);
+pub const PENDING_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the guest may take to answer an `OP_REQUEST`.
-pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the guest may take to reset a connection after our `OP_SHUTDOWN`.
-pub(crate) const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(3);
+pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(3);
 /// Token of the listening socket; connections get tokens in `1..TOKEN_LIMIT`.
-pub(crate) const TOKEN_LISTENER: u64 = 0;
+pub const TOKEN_LISTENER: u64 = 0;
 /// Tokens are below this, so the caller can add its own base.
-pub(crate) const TOKEN_LIMIT: u64 = 1 << 31;
+pub const TOKEN_LIMIT: u64 = 1 << 31;
 /// Accepts per listener event (the listener is level-triggered: the rest come next round).
 const MAX_ACCEPTS_PER_EVENT: usize = 64;
 
 /// A virtio-vsock packet header (virtio 1.2 §5.10.6), host-endian fields.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(crate) struct PacketHeader {
+pub struct PacketHeader {
     /// Source CID.
     pub src_cid: u64,
     /// Destination CID.
@@ -104,11 +104,11 @@ pub(crate) struct PacketHeader {
 
 impl PacketHeader {
     /// Size of the header on the wire.
-    pub(crate) const SIZE: usize = 44;
+    pub const SIZE: usize = 44;
 
     /// The little-endian wire form.
     #[allow(clippy::wrong_self_convention)] // the agreed device interface takes `&self`
-    pub(crate) fn to_bytes(&self) -> [u8; 44] {
+    pub fn to_bytes(&self) -> [u8; 44] {
         let mut b = [0u8; 44];
         b[0..8].copy_from_slice(&self.src_cid.to_le_bytes());
         b[8..16].copy_from_slice(&self.dst_cid.to_le_bytes());
@@ -124,7 +124,7 @@ impl PacketHeader {
     }
 
     /// Parses the little-endian wire form.
-    pub(crate) fn from_bytes(b: &[u8; 44]) -> Self {
+    pub fn from_bytes(b: &[u8; 44]) -> Self {
         fn field<const N: usize>(b: &[u8; 44], at: usize) -> [u8; N] {
             let mut out = [0u8; N];
             out.copy_from_slice(&b[at..at + N]);
@@ -167,7 +167,7 @@ pub enum VsockError {
 
 /// A change the caller must make to its (level-triggered) epoll set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Interest {
+pub enum Interest {
     /// Start watching `fd` under `token`.
     Add {
         /// The fd.
@@ -201,7 +201,7 @@ pub(crate) enum Interest {
 impl Interest {
     /// The `epoll_ctl` call this change asks for, with the muxer's token offset by `token_base`
     /// (the caller's own token space).
-    pub(crate) fn epoll_ctl(self, token_base: u64) -> (ControlOperation, RawFd, EpollEvent) {
+    pub fn epoll_ctl(self, token_base: u64) -> (ControlOperation, RawFd, EpollEvent) {
         let watch = |readable: bool, writable: bool, token: u64| {
             let mut set = EventSet::empty();
             if readable {
@@ -502,7 +502,7 @@ fn parse_connect(line: &[u8]) -> Option<u32> {
 }
 
 /// The hybrid-vsock connection multiplexer: one listener on `PATH` and the connections.
-pub(crate) struct VsockMuxer {
+pub struct VsockMuxer {
     guest_cid: u64,
     path: PathBuf,
     listener: UnixListener,
@@ -524,7 +524,7 @@ pub(crate) struct VsockMuxer {
 
 impl VsockMuxer {
     /// Binds PATH, listens; the listener's Add interest is in the first take_interest_changes().
-    pub(crate) fn new(guest_cid: u64, path: &Path) -> Result<Self, VsockError> {
+    pub fn new(guest_cid: u64, path: &Path) -> Result<Self, VsockError> {
         if !(3..u64::from(u32::MAX)).contains(&guest_cid) {
             return Err(VsockError::InvalidCid(guest_cid));
         }
@@ -565,7 +565,7 @@ impl VsockMuxer {
     }
 
     /// A packet from the guest's TX queue; `payload` is its data (len bytes, only for OP_RW).
-    pub(crate) fn send_to_host(&mut self, hdr: &PacketHeader, payload: &[u8]) {
+    pub fn send_to_host(&mut self, hdr: &PacketHeader, payload: &[u8]) {
         if hdr.dst_cid != HOST_CID || hdr.src_cid != self.guest_cid || hdr.type_ != TYPE_STREAM {
             if hdr.op != OP_RST {
                 self.queue_rst(hdr.dst_port, hdr.src_port);
@@ -634,7 +634,7 @@ impl VsockMuxer {
     }
 
     /// Whether recv_for_guest may have a packet (a cheap check before the caller takes an RX buffer).
-    pub(crate) fn has_pending_rx(&self) -> bool {
+    pub fn has_pending_rx(&self) -> bool {
         !self.control.is_empty() || !self.rx_queue.is_empty()
     }
 
@@ -643,7 +643,7 @@ impl VsockMuxer {
     /// 0). None if nothing can be produced now (the caller then gives the buffer back to the
     /// queue); after a None for a non-empty `buf`, `has_pending_rx` is false until something
     /// changes. Round-robin: a connection that sent a packet goes to the back of the queue.
-    pub(crate) fn recv_for_guest(&mut self, buf: &mut [u8]) -> Option<PacketHeader> {
+    pub fn recv_for_guest(&mut self, buf: &mut [u8]) -> Option<PacketHeader> {
         for _ in 0..=self.rx_queue.len() {
             if let Some(hdr) = self.control.pop_front() {
                 return Some(hdr);
@@ -664,7 +664,7 @@ impl VsockMuxer {
 
     /// An epoll event for one of the muxer's tokens (tokens are < 1<<31, the caller adds its
     /// own base). `hangup` is EPOLLHUP or EPOLLERR.
-    pub(crate) fn host_event(&mut self, token: u64, readable: bool, writable: bool, hangup: bool) {
+    pub fn host_event(&mut self, token: u64, readable: bool, writable: bool, hangup: bool) {
         if token == TOKEN_LISTENER {
             if readable || hangup {
                 self.accept_all();
@@ -706,7 +706,7 @@ impl VsockMuxer {
 
     /// Timeouts (pending CONNECT lines, unanswered requests and shutdowns); the caller calls it
     /// about once a second while connections exist.
-    pub(crate) fn tick(&mut self, now: Instant) {
+    pub fn tick(&mut self, now: Instant) {
         let expired: Vec<(u64, bool)> = self
             .conns
             .iter()
@@ -723,7 +723,7 @@ impl VsockMuxer {
     /// order before the next epoll_wait. Level-triggered epoll is assumed: a connection whose
     /// host data waits for the guest (no credit, or no RX buffer yet) is not armed readable;
     /// it is re-armed when a read hits EAGAIN.
-    pub(crate) fn take_interest_changes(&mut self) -> Vec<Interest> {
+    pub fn take_interest_changes(&mut self) -> Vec<Interest> {
         // The previous batch's removals have been applied: those fds may close now.
         self.retired = std::mem::take(&mut self.retiring);
         std::mem::take(&mut self.changes)
@@ -731,7 +731,7 @@ impl VsockMuxer {
 
     /// Drops every connection (device reset, guest reboot) without telling the guest; keeps
     /// the listener.
-    pub(crate) fn reset(&mut self) {
+    pub fn reset(&mut self) {
         let tokens: Vec<u64> = self.conns.keys().copied().collect();
         for token in tokens {
             self.drop_conn(token, false);
@@ -742,7 +742,7 @@ impl VsockMuxer {
     }
 
     /// Number of live connections (for info/tests), including clients still writing `CONNECT`.
-    pub(crate) fn connections(&self) -> usize {
+    pub fn connections(&self) -> usize {
         self.conns.len()
     }
 
