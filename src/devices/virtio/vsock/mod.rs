@@ -5,7 +5,9 @@
 //! muxer can produce now (control packets, or host data read straight into the buffer's room),
 //! so nothing is buffered here and a full RX queue simply stops host reads.
 
+pub mod connection;
 pub mod muxer;
+pub mod packet;
 
 use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
@@ -16,7 +18,8 @@ use vm_memory::GuestMemoryMmap;
 
 use super::{read_config_bytes, VirtioDevice, VirtioError, Wake, TYPE_VSOCK};
 use crate::devices::lock;
-use crate::devices::virtio::vsock::muxer::{PacketHeader, VsockMuxer, OP_RST, OP_RW};
+use crate::devices::virtio::vsock::muxer::VsockMuxer;
+use crate::devices::virtio::vsock::packet::{PacketHeader, OP_RST, OP_RW};
 
 /// Queue indices (virtio 1.2 §5.10.2).
 const RX: usize = 0;
