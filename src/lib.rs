@@ -49,3 +49,5 @@ pub use vmm::exit::{
     EXIT_TIMEOUT,
 };
 pub use vmm::launch::{exit_code, run, Error};
+pub use vmm::resize::{BackendError, ResizeError};
+pub use vmm::RequestError;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use minivmm::api::{HandleError, VmBuilder};
 use minivmm::events::Event;
 use minivmm::Exit;
+use minivmm::{RequestError, ResizeError};
 
 mod tiny;
 
@@ -105,7 +106,20 @@ fn a_vm_driven_through_the_api_from_another_thread() {
     let info = vm.info().expect("info");
     assert_eq!((info.cpus, info.max_cpus, info.max_mem), (2, 2, 320 << 20));
     match vm.resize(Some(3), None) {
-        Err(HandleError::Refused(msg)) => assert!(msg.contains("cpus=3"), "{msg}"),
+        Err(HandleError::Refused(e)) => {
+            // A typed refusal whose message is the control pipe's.
+            assert!(
+                matches!(
+                    e,
+                    RequestError::Resize(ResizeError::CpusAboveMax { cpus: 3, max: 2 })
+                ),
+                "{e:?}"
+            );
+            assert_eq!(
+                e.to_string(),
+                "cpus=3 exceeds max_cpus=2 (set at start with --cpus max=)"
+            );
+        }
         other => panic!("resize above max: {other:?}"),
     }
     vm.power_button().expect("power button");

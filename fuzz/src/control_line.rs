@@ -22,9 +22,12 @@ use minivmm::control::protocol::{
     error_reply, handle, parse_request, ControlTarget, Line, LineReader, Request, VmInfo, MAX_LINE,
 };
 use minivmm::devices::{lock, BusDevice, DeviceEvent};
+use minivmm::kvm::vcpu::VcpuError;
+use minivmm::kvm::vm::VmError;
 use minivmm::vmm::cpus::CpuManager;
 use minivmm::vmm::memory::MemoryManager;
 use minivmm::vmm::resize;
+use minivmm::{BackendError, RequestError};
 
 /// One boot of the model: the real CPU and memory managers, with a model of KVM's side
 /// (memory slots and vCPU threads) that fails when the input says so.
@@ -46,18 +49,24 @@ struct FakeKvm {
 }
 
 impl FakeKvm {
-    fn op(&mut self, what: &str) -> Result<(), String> {
+    /// Counts an operation; true when it is to fail.
+    fn fails(&mut self) -> bool {
         self.ops += 1;
-        if self.fail_every != 0 && self.ops.is_multiple_of(self.fail_every) {
-            return Err(format!("{what}: injected failure"));
-        }
-        Ok(())
+        self.fail_every != 0 && self.ops.is_multiple_of(self.fail_every)
     }
 }
 
 impl resize::Backend for Boot {
-    fn add_memory(&mut self, start: u64, size: u64) -> Result<(), String> {
-        self.kvm.op("add_memory")?;
+    fn add_memory(&mut self, start: u64, size: u64) -> Result<(), BackendError> {
+        if self.kvm.fails() {
+            let reason = "injected failure".to_string();
+            return Err(VmError::Memory {
+                addr: start,
+                size,
+                reason,
+            }
+            .into());
+        }
         let end = start + size;
         assert!(
             self.kvm
@@ -71,7 +80,7 @@ impl resize::Backend for Boot {
         Ok(())
     }
 
-    fn remove_last_memory(&mut self) -> Result<(), String> {
+    fn remove_last_memory(&mut self) -> Result<(), BackendError> {
         assert!(
             self.kvm.mapped.pop().is_some(),
             "unmapping with none mapped"
@@ -79,8 +88,11 @@ impl resize::Backend for Boot {
         Ok(())
     }
 
-    fn start_vcpu(&mut self, id: u32) -> Result<(), String> {
-        self.kvm.op("start_vcpu")?;
+    fn start_vcpu(&mut self, id: u32) -> Result<(), BackendError> {
+        if self.kvm.fails() {
+            let injected = std::io::Error::other("injected failure");
+            return Err(VcpuError::Spawn(id, injected).into());
+        }
         assert!(
             !lock(&self.cpus.device()).is_enabled(id),
             "vCPU {id} started while present"
@@ -109,11 +121,12 @@ impl resize::Machine for Boot {
     fn reap_memory(&mut self) -> minivmm::vmm::memory::Step {
         let mapped = &mut self.kvm.mapped;
         self.memory.reap_ejected(&mut |start| {
-            let i = mapped
-                .iter()
-                .position(|&(s, _)| s == start)
-                .ok_or_else(|| format!("unmapping {start:#x}: not mapped"))?;
-            assert_eq!(i + 1, mapped.len(), "only the top slot is unmapped");
+            let i = mapped.iter().position(|&(s, _)| s == start);
+            assert_eq!(
+                i.map(|i| i + 1),
+                Some(mapped.len()),
+                "unmapping {start:#x}: not the top slot"
+            );
             mapped.pop();
             Ok(())
         })
@@ -264,6 +277,8 @@ impl ModelVm {
 }
 
 impl ControlTarget for ModelVm {
+    type Error = RequestError;
+
     fn info(&self) -> VmInfo {
         let stopped = VmInfo {
             state: "stopped",
@@ -297,10 +312,10 @@ impl ControlTarget for ModelVm {
         }
     }
 
-    fn resize(&mut self, cpus: Option<u32>, mem: Option<u64>) -> Result<VmInfo, String> {
+    fn resize(&mut self, cpus: Option<u32>, mem: Option<u64>) -> Result<VmInfo, RequestError> {
         self.calls += 1;
         let Some(b) = self.boot.as_mut() else {
-            return Err("the VM is not running".into());
+            return Err(RequestError::NotRunning);
         };
         let limits = resize::Limits {
             max_cpus: self.max_cpus,
@@ -328,13 +343,13 @@ impl ControlTarget for ModelVm {
                     started.is_empty(),
                     "a refused resize ({e}) left {started:?} running"
                 );
-                return Err(e);
+                return Err(e.into());
             }
         }
         Ok(self.info())
     }
 
-    fn reboot(&mut self) -> Result<(), String> {
+    fn reboot(&mut self) -> Result<(), RequestError> {
         self.calls += 1;
         if let Some(b) = &self.boot {
             self.next_cpus = b.cpus.target();
@@ -343,17 +358,17 @@ impl ControlTarget for ModelVm {
         Ok(())
     }
 
-    fn shutdown(&mut self) -> Result<(), String> {
+    fn shutdown(&mut self) -> Result<(), RequestError> {
         self.calls += 1;
         self.boot = None;
         Ok(())
     }
 
-    fn power_button(&mut self) -> Result<(), String> {
+    fn power_button(&mut self) -> Result<(), RequestError> {
         self.calls += 1;
         match self.boot {
             Some(_) => Ok(()),
-            None => Err("the VM is not running".into()),
+            None => Err(RequestError::NotRunning),
         }
     }
 }

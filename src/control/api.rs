@@ -45,7 +45,7 @@ use crate::control::events::Event;
 use crate::control::protocol::VmInfo;
 use crate::vmm::event_loop::{Command, Inbox};
 use crate::vmm::launch::{launch, Hosting};
-use crate::{Error, Exit};
+use crate::{Error, Exit, RequestError};
 
 /// Events an embedder's channel may hold before further events are dropped (and a warning is
 /// logged): a receiver that stops reading never slows the VM.
@@ -58,8 +58,8 @@ pub enum HandleError {
     #[error("the VM has stopped")]
     Stopped,
     /// The VM refused the request; the message is the one the control pipe would send.
-    #[error("{0}")]
-    Refused(String),
+    #[error(transparent)]
+    Refused(#[from] RequestError),
     /// The VM thread could not be woken.
     #[error("cannot wake the VM thread: {0}")]
     Wake(#[source] std::io::Error),
@@ -267,8 +267,7 @@ impl VmHandle {
     /// Changes the vCPU count and/or the RAM size, like `resize` on the control pipe:
     /// validated first, applied completely or not at all.
     pub fn resize(&self, cpus: Option<u32>, mem: Option<u64>) -> Result<VmInfo, HandleError> {
-        self.ask(|reply| Command::Resize { cpus, mem, reply })?
-            .map_err(HandleError::Refused)
+        Ok(self.ask(|reply| Command::Resize { cpus, mem, reply })??)
     }
 
     /// The VM's current and pending sizes, like `info`.
@@ -278,18 +277,17 @@ impl VmHandle {
 
     /// Resets the VM (it is rebuilt with the current sizes).
     pub fn reboot(&self) -> Result<(), HandleError> {
-        self.ask(Command::Reboot)?.map_err(HandleError::Refused)
+        Ok(self.ask(Command::Reboot)??)
     }
 
     /// Stops the VM; [`VmHandle::wait`] then returns [`Exit::PowerOff`].
     pub fn shutdown(&self) -> Result<(), HandleError> {
-        self.ask(Command::Shutdown)?.map_err(HandleError::Refused)
+        Ok(self.ask(Command::Shutdown)??)
     }
 
     /// Presses the ACPI power button.
     pub fn power_button(&self) -> Result<(), HandleError> {
-        self.ask(Command::PowerButton)?
-            .map_err(HandleError::Refused)
+        Ok(self.ask(Command::PowerButton)??)
     }
 
     /// A new channel that receives every event from now on, the last being

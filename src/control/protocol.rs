@@ -345,16 +345,18 @@ pub struct VmInfo {
 
 /// The VM as seen by the control pipe; the VMM implements it.
 pub trait ControlTarget {
+    /// Why a request was refused; its message is returned to the client after `error `.
+    type Error: std::fmt::Display;
     /// The current VM state.
     fn info(&self) -> VmInfo;
-    /// Validates everything first; applies nothing on error (the message is returned to the client).
-    fn resize(&mut self, cpus: Option<u32>, mem: Option<u64>) -> Result<VmInfo, String>;
+    /// Validates everything first; applies nothing on error.
+    fn resize(&mut self, cpus: Option<u32>, mem: Option<u64>) -> Result<VmInfo, Self::Error>;
     /// Resets the VM.
-    fn reboot(&mut self) -> Result<(), String>;
+    fn reboot(&mut self) -> Result<(), Self::Error>;
     /// Stops the VM.
-    fn shutdown(&mut self) -> Result<(), String>;
+    fn shutdown(&mut self) -> Result<(), Self::Error>;
     /// Presses the ACPI power button.
-    fn power_button(&mut self) -> Result<(), String>;
+    fn power_button(&mut self) -> Result<(), Self::Error>;
 }
 
 fn resize_reply(info: &VmInfo) -> String {
@@ -426,12 +428,12 @@ pub struct Reply {
 }
 
 /// Parses one line (as returned by LineReader) and returns exactly one reply line.
-pub fn handle_line(line: &[u8], target: &mut dyn ControlTarget) -> String {
+pub fn handle_line<T: ControlTarget + ?Sized>(line: &[u8], target: &mut T) -> String {
     respond(line, target).line
 }
 
 /// Parses one line and answers it: [`handle_line`] with whether the client subscribed to events.
-pub fn respond(line: &[u8], target: &mut dyn ControlTarget) -> Reply {
+pub fn respond<T: ControlTarget + ?Sized>(line: &[u8], target: &mut T) -> Reply {
     let reply = |line: String| Reply {
         line,
         subscribe: false,
@@ -440,14 +442,14 @@ pub fn respond(line: &[u8], target: &mut dyn ControlTarget) -> Reply {
         Ok(request) => request,
         Err(e) => return reply(error_reply(&e.to_string())),
     };
-    let done = |result: Result<(), String>, ok: &str| match result {
+    let done = |result: Result<(), T::Error>, ok: &str| match result {
         Ok(()) => ok.to_string(),
-        Err(e) => error_reply(&e),
+        Err(e) => error_reply(&e.to_string()),
     };
     reply(match request {
         Request::Resize { cpus, mem } => match target.resize(cpus, mem) {
             Ok(info) => resize_reply(&info),
-            Err(e) => error_reply(&e),
+            Err(e) => error_reply(&e.to_string()),
         },
         Request::Info => info_reply(&target.info()),
         Request::Reboot => done(target.reboot(), "ok rebooting\n"),
@@ -465,7 +467,7 @@ pub fn respond(line: &[u8], target: &mut dyn ControlTarget) -> Reply {
 }
 
 /// Replies to one framed [`Line`]: [`respond`] for a complete line, an error for an over-long one.
-pub fn handle(line: &Line, target: &mut dyn ControlTarget) -> Reply {
+pub fn handle<T: ControlTarget + ?Sized>(line: &Line, target: &mut T) -> Reply {
     match line {
         Line::Complete(bytes) => respond(bytes, target),
         Line::TooLong => Reply {
@@ -783,6 +785,8 @@ mod tests {
     }
 
     impl ControlTarget for FakeVm {
+        type Error = String;
+
         fn info(&self) -> VmInfo {
             self.info.clone()
         }

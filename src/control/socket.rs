@@ -162,7 +162,7 @@ impl ControlServer {
         epoll: &Epoll,
         token: u64,
         events: EventSet,
-        target: &mut dyn ControlTarget,
+        target: &mut impl ControlTarget,
     ) {
         if token == TOKEN_LISTENER {
             self.accept(epoll);
@@ -390,7 +390,7 @@ fn spare_fd(listener: &UnixListener) -> std::io::Result<File> {
 }
 
 /// Reads what is available, answers every complete line.
-fn serve(conn: &mut Conn, target: &mut dyn ControlTarget) {
+fn serve(conn: &mut Conn, target: &mut impl ControlTarget) {
     let mut buf = [0u8; MAX_LINE];
     match conn.input.read(&mut buf) {
         Ok(0) => conn.eof = true,

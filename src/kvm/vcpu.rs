@@ -33,6 +33,9 @@ pub enum VcpuError {
     /// A vCPU index at or above the VM's maximum (a bug in the caller's plan).
     #[error("vCPU {0} is out of range (the maximum is {1})")]
     OutOfRange(u32, u32),
+    /// KVM could not create or set up the vCPU.
+    #[error(transparent)]
+    Create(#[from] crate::kvm::vm::VmError),
 }
 
 /// What a vCPU thread tells the main thread.

@@ -41,16 +41,17 @@ impl Vcpus {
     }
 
     /// Starts vCPU `id`, reusing its parked fd or creating one in `vm`.
-    pub fn start(&mut self, id: u32, vm: &Vm, ctx: &VcpuContext) -> Result<(), String> {
+    pub fn start(&mut self, id: u32, vm: &Vm, ctx: &VcpuContext) -> Result<(), VcpuError> {
+        let max = self.max;
         let slot = self
             .slots
             .get_mut(id as usize)
-            .ok_or_else(|| format!("no vCPU slot {id}"))?;
+            .ok_or(VcpuError::OutOfRange(id, max))?;
         let fd = match slot.parked.take() {
             Some(fd) => fd,
-            None => vm.create_vcpu(id, self.max).map_err(|e| e.to_string())?,
+            None => vm.create_vcpu(id, max)?,
         };
-        self.run(id, fd, ctx).map_err(|e| e.to_string())
+        self.run(id, fd, ctx)
     }
 
     /// Stops vCPU `id`'s thread and parks its fd; false if it was not running.

@@ -49,7 +49,7 @@ impl CpuManager {
     }
 
     /// Starts vCPU `id` for a hot-add (a parked fd is reused).
-    pub fn start(&mut self, id: u32, vm: &Vm, ctx: &VcpuContext) -> Result<(), String> {
+    pub fn start(&mut self, id: u32, vm: &Vm, ctx: &VcpuContext) -> Result<(), VcpuError> {
         self.vcpus.start(id, vm, ctx)
     }
 

@@ -16,7 +16,7 @@ use crate::control::socket::ControlServer;
 use crate::kvm::vcpu::VcpuEvent;
 use crate::vmm::exit::Exit;
 use crate::vmm::machine::MachineError;
-use crate::vmm::{Lifecycle, Vmm};
+use crate::vmm::{Lifecycle, RequestError, Vmm};
 
 /// What an epoll event is about (its `u64` data).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,12 +135,12 @@ pub enum Command {
     Resize {
         cpus: Option<u32>,
         mem: Option<u64>,
-        reply: Sender<Result<VmInfo, String>>,
+        reply: Sender<Result<VmInfo, RequestError>>,
     },
     Info(Sender<VmInfo>),
-    Reboot(Sender<Result<(), String>>),
-    Shutdown(Sender<Result<(), String>>),
-    PowerButton(Sender<Result<(), String>>),
+    Reboot(Sender<Result<(), RequestError>>),
+    Shutdown(Sender<Result<(), RequestError>>),
+    PowerButton(Sender<Result<(), RequestError>>),
     /// Deliver events to this channel from now on (dropped when it is full or closed).
     Subscribe(SyncSender<Event>),
 }

@@ -30,7 +30,7 @@ use crate::kvm::vcpu::{EventSink, VcpuContext};
 use crate::kvm::vm::{Vm, VmError, VmFeatures};
 use crate::vmm::cpus::CpuManager;
 use crate::vmm::memory::{hotplug_slots, MemoryManager, Step};
-use crate::vmm::resize;
+use crate::vmm::resize::{self, BackendError};
 use crate::vmm::virtio::{VirtioDevices, VirtioHost, VirtioSetupError};
 
 /// Errors while building a machine or changing it.
@@ -222,10 +222,7 @@ impl Machine {
     /// guest has ejected it) and asks for the next one while the shrink's target allows.
     pub fn reap_memory(&mut self, slot: Option<usize>) -> Step {
         let vm = &mut self.vm;
-        let mut unmap = |start: u64| {
-            vm.remove_memory(GuestAddress(start))
-                .map_err(|e| e.to_string())
-        };
+        let mut unmap = |start: u64| vm.remove_memory(GuestAddress(start));
         match slot {
             Some(slot) => self.memory.reap(slot, &mut unmap),
             None => self.memory.reap_ejected(&mut unmap),
@@ -325,18 +322,16 @@ fn mmio_bus(
 
 /// The resize backend of a machine: KVM memory slots and vCPU threads.
 impl resize::Backend for Machine {
-    fn add_memory(&mut self, start: u64, size: u64) -> Result<(), String> {
-        self.vm
-            .add_memory(GuestAddress(start), size)
-            .map_err(|e| e.to_string())
+    fn add_memory(&mut self, start: u64, size: u64) -> Result<(), BackendError> {
+        Ok(self.vm.add_memory(GuestAddress(start), size)?)
     }
 
-    fn remove_last_memory(&mut self) -> Result<(), String> {
-        self.vm.remove_last_memory().map_err(|e| e.to_string())
+    fn remove_last_memory(&mut self) -> Result<(), BackendError> {
+        Ok(self.vm.remove_last_memory()?)
     }
 
-    fn start_vcpu(&mut self, id: u32) -> Result<(), String> {
-        self.cpus.start(id, &self.vm, &self.ctx)
+    fn start_vcpu(&mut self, id: u32) -> Result<(), BackendError> {
+        Ok(self.cpus.start(id, &self.vm, &self.ctx)?)
     }
 
     fn stop_vcpu(&mut self, id: u32) {

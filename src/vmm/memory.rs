@@ -15,6 +15,7 @@ use crate::config::MemoryConfig;
 use crate::control::events::Event;
 use crate::devices::lock;
 use crate::devices::mem_hotplug::MemHotplug;
+use crate::kvm::vm::VmError;
 
 /// ACPI memory devices (`Mnnn`) for a hotplug window: one per 128 MiB step, capped at
 /// [`layout::MAX_MEMORY_HOTPLUG_SLOTS`].
@@ -35,7 +36,7 @@ pub fn removable_slot_size(window: &Range<u64>) -> u64 {
 
 /// Unregisters and unmaps the hot-added memory that starts at the given guest-physical address
 /// (for a machine, [`crate::kvm::vm::Vm::remove_memory`]).
-pub type Unmap<'a> = &'a mut dyn FnMut(u64) -> Result<(), String>;
+pub type Unmap<'a> = &'a mut dyn FnMut(u64) -> Result<(), VmError>;
 
 /// A hot-added slot present now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -377,7 +378,7 @@ mod tests {
         // A second start while one is pending changes nothing.
         assert_eq!(m.start_removal(G / 2), Step::default());
         let mut unmapped = Vec::new();
-        let mut unmap = |start: u64| -> Result<(), String> {
+        let mut unmap = |start: u64| -> Result<(), VmError> {
             unmapped.push(start);
             Ok(())
         };
@@ -476,7 +477,12 @@ mod tests {
         let mut m = removable(1);
         m.start_removal(G / 2);
         guest_ejects(&m, 0);
-        let step = m.reap(0, &mut |_| Err("KVM_SET_USER_MEMORY_REGION failed".into()));
+        let step = m.reap(0, &mut |_| {
+            Err(VmError::Ioctl(
+                "KVM_SET_USER_MEMORY_REGION",
+                kvm_ioctls::Error::new(libc::EINVAL),
+            ))
+        });
         assert_eq!(
             step.events,
             [Event::MemRemoved {

@@ -457,14 +457,30 @@ impl Vmm {
     }
 }
 
+/// Why a front end's request was refused; the message is what a client sees after `error `.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// The VM has stopped (or is between boots).
+    #[error("the VM is not running")]
+    NotRunning,
+    /// The resize was refused or failed.
+    #[error(transparent)]
+    Resize(#[from] resize::ResizeError),
+    /// The GED could not interrupt the guest.
+    #[error("raising the GED interrupt: {0}")]
+    Ged(#[source] std::io::Error),
+}
+
 impl ControlTarget for Vmm {
+    type Error = RequestError;
+
     fn info(&self) -> VmInfo {
         self.info_of(self.machine.as_ref())
     }
 
-    fn resize(&mut self, cpus: Option<u32>, mem: Option<u64>) -> Result<VmInfo, String> {
+    fn resize(&mut self, cpus: Option<u32>, mem: Option<u64>) -> Result<VmInfo, RequestError> {
         let Some(m) = self.machine.as_mut() else {
-            return Err("the VM is not running".into());
+            return Err(RequestError::NotRunning);
         };
         let limits = resize::Limits {
             max_cpus: self.host.config.cpus.max,
@@ -477,22 +493,22 @@ impl ControlTarget for Vmm {
         Ok(self.info())
     }
 
-    fn reboot(&mut self) -> Result<(), String> {
+    fn reboot(&mut self) -> Result<(), RequestError> {
         // The event loop performs the reboot after the reply is sent.
         self.requested = Some(Lifecycle::Reboot);
         Ok(())
     }
 
-    fn shutdown(&mut self) -> Result<(), String> {
+    fn shutdown(&mut self) -> Result<(), RequestError> {
         self.requested = Some(Lifecycle::Shutdown);
         Ok(())
     }
 
-    fn power_button(&mut self) -> Result<(), String> {
-        let m = self.machine.as_ref().ok_or("the VM is not running")?;
+    fn power_button(&mut self) -> Result<(), RequestError> {
+        let m = self.machine.as_ref().ok_or(RequestError::NotRunning)?;
         lock(&m.ged)
             .notify(GED_POWER_BUTTON)
-            .map_err(|e| format!("raising the GED interrupt: {e}"))?;
+            .map_err(RequestError::Ged)?;
         self.events.push(Event::PowerButton);
         Ok(())
     }

@@ -14,6 +14,8 @@ use crate::config::size::format_size;
 use crate::config::{MEMORY_SIZE_ALIGN, MIN_MEMORY_SIZE};
 use crate::control::events::Event;
 use crate::control::protocol::format_ids;
+use crate::kvm::vcpu::VcpuError;
+use crate::kvm::vm::VmError;
 use crate::devices::ged::{GED_CPU, GED_MEMORY};
 use crate::vmm::cpus::CpuManager;
 use crate::vmm::memory::{MemoryManager, Step};
@@ -80,26 +82,147 @@ impl ResizeState {
     }
 }
 
+/// Why a resize was refused or failed. The message is what a client sees after `error `.
+#[derive(Debug, thiserror::Error)]
+pub enum ResizeError {
+    /// `cpus=0`.
+    #[error("cpus=0 is invalid: a VM needs at least one vCPU")]
+    ZeroCpus,
+    /// More vCPUs than `--cpus max=`.
+    #[error("cpus={cpus} exceeds max_cpus={max} (set at start with --cpus max=)")]
+    CpusAboveMax {
+        /// The count asked for.
+        cpus: u32,
+        /// The most the VM may have.
+        max: u32,
+    },
+    /// A different vCPU count while a removal waits for the guest.
+    #[error(
+        "removal of vCPU {} still pending for {waited_secs}s: the guest has not ejected it yet; retry when info shows removing=none",
+        format_ids(.cpus)
+    )]
+    CpuRemovalPending {
+        /// The vCPUs being removed.
+        cpus: Vec<u32>,
+        /// How long the removal has waited.
+        waited_secs: u64,
+    },
+    /// A different RAM size while a live removal waits for the guest.
+    #[error(
+        "removal of memory slot {slot} still pending for {waited_secs}s: the guest has not ejected it yet; retry when info shows removing_mem=none"
+    )]
+    MemRemovalPending {
+        /// The slot being removed.
+        slot: usize,
+        /// How long the removal has waited.
+        waited_secs: u64,
+    },
+    /// More RAM than boot RAM plus the hotplug window.
+    #[error(
+        "mem={} exceeds max_mem={} (size + hotplug_size at start)",
+        format_size(*.mem),
+        format_size(*.max)
+    )]
+    MemAboveMax {
+        /// The size asked for.
+        mem: u64,
+        /// The most the VM may have.
+        max: u64,
+    },
+    /// A growth that is not a whole number of hotplug blocks.
+    #[error(
+        "mem={}: growth by {} from {} is not a multiple of {}",
+        format_size(*.mem),
+        format_size(*.delta),
+        format_size(*.current),
+        format_size(MEMORY_HOTPLUG_ALIGN)
+    )]
+    UnalignedGrowth {
+        /// The size asked for.
+        mem: u64,
+        /// The growth it means.
+        delta: u64,
+        /// RAM now.
+        current: u64,
+    },
+    /// A growth past the end of the hotplug window.
+    #[error(
+        "mem={}: only {} of the hotplug window is left this boot (reboot to reclaim alignment)",
+        format_size(*.mem),
+        format_size(*.left)
+    )]
+    WindowFull {
+        /// The size asked for.
+        mem: u64,
+        /// What is left of the window.
+        left: u64,
+    },
+    /// Every memory hotplug slot is in use.
+    #[error("all {slots} memory hotplug slots are used this boot; grow in larger steps or reboot")]
+    NoSlotLeft {
+        /// Slots this boot.
+        slots: usize,
+    },
+    /// A growth that needs more slots than are left.
+    #[error(
+        "mem={}: growing by {} needs {needed} memory hotplug slots of {}, only {left} are left this boot",
+        format_size(*.mem),
+        format_size(*.delta),
+        format_size(*.piece)
+    )]
+    TooFewSlots {
+        /// The size asked for.
+        mem: u64,
+        /// The growth it means.
+        delta: u64,
+        /// Slots it needs.
+        needed: usize,
+        /// The slot size.
+        piece: u64,
+        /// Slots left.
+        left: usize,
+    },
+    /// A shrink below the smallest RAM size.
+    #[error("mem={} is below the minimum of {}", format_size(*.0), format_size(MIN_MEMORY_SIZE))]
+    MemBelowMin(u64),
+    /// A shrink to a size that is not a whole number of MiB.
+    #[error("mem={} is not a multiple of {}", format_size(*.0), format_size(MEMORY_SIZE_ALIGN))]
+    UnalignedMem(u64),
+    /// A KVM-side step failed; everything done before it was undone.
+    #[error("resize failed, nothing changed: {0}")]
+    Failed(#[source] BackendError),
+}
+
+/// A KVM-side step of a resize that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// Mapping or registering guest RAM.
+    #[error(transparent)]
+    Memory(#[from] VmError),
+    /// Creating a vCPU or starting its thread.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+}
+
 /// Validates a request for `cpus` vCPUs and/or `mem` bytes against `s`. The error is the message
 /// a front end returns to the client.
-pub fn plan(s: &ResizeState, cpus: Option<u32>, mem: Option<u64>) -> Result<Plan, String> {
+pub fn plan(s: &ResizeState, cpus: Option<u32>, mem: Option<u64>) -> Result<Plan, ResizeError> {
     let mut plan = Plan::default();
     if let Some(n) = cpus {
         if n == 0 {
-            return Err("cpus=0 is invalid: a VM needs at least one vCPU".into());
+            return Err(ResizeError::ZeroCpus);
         }
         if n > s.max_cpus {
-            return Err(format!(
-                "cpus={n} exceeds max_cpus={} (set at start with --cpus max=)",
-                s.max_cpus
-            ));
+            return Err(ResizeError::CpusAboveMax {
+                cpus: n,
+                max: s.max_cpus,
+            });
         }
         if !s.removing.is_empty() && n != s.target_cpus {
-            return Err(format!(
-                "removal of vCPU {} still pending for {}s: the guest has not ejected it yet; retry when info shows removing=none",
-                format_ids(&s.removing),
-                s.removal_waited_secs
-            ));
+            return Err(ResizeError::CpuRemovalPending {
+                cpus: s.removing.clone(),
+                waited_secs: s.removal_waited_secs,
+            });
         }
         if s.removing.is_empty() {
             if n > s.present_cpus {
@@ -116,63 +239,56 @@ pub fn plan(s: &ResizeState, cpus: Option<u32>, mem: Option<u64>) -> Result<Plan
 }
 
 /// The memory half of [`plan`].
-fn plan_memory(s: &ResizeState, want: u64, plan: &mut Plan) -> Result<(), String> {
+fn plan_memory(s: &ResizeState, want: u64, plan: &mut Plan) -> Result<(), ResizeError> {
     let current = s.current_mem();
     if let Some(slot) = s.removing_mem {
         if want != s.target_mem {
-            return Err(format!(
-                "removal of memory slot {slot} still pending for {}s: the guest has not ejected it yet; retry when info shows removing_mem=none",
-                s.mem_removal_waited_secs
-            ));
+            return Err(ResizeError::MemRemovalPending {
+                slot,
+                waited_secs: s.mem_removal_waited_secs,
+            });
         }
         // The shrink under way already heads for this size.
         plan.pending_mem = Some(want);
         return Ok(());
     }
     if want > s.max_mem {
-        return Err(format!(
-            "mem={} exceeds max_mem={} (size + hotplug_size at start)",
-            format_size(want),
-            format_size(s.max_mem)
-        ));
+        return Err(ResizeError::MemAboveMax {
+            mem: want,
+            max: s.max_mem,
+        });
     }
     if want > current {
         let delta = want - current;
         if !delta.is_multiple_of(MEMORY_HOTPLUG_ALIGN) {
-            return Err(format!(
-                "mem={}: growth by {} from {} is not a multiple of {}",
-                format_size(want),
-                format_size(delta),
-                format_size(current),
-                format_size(MEMORY_HOTPLUG_ALIGN)
-            ));
+            return Err(ResizeError::UnalignedGrowth {
+                mem: want,
+                delta,
+                current,
+            });
         }
         let mut start = s.window.start + s.hotplugged();
         if start + delta > s.window.end {
-            return Err(format!(
-                "mem={}: only {} of the hotplug window is left this boot (reboot to reclaim alignment)",
-                format_size(want),
-                format_size(s.window.end.saturating_sub(start))
-            ));
+            return Err(ResizeError::WindowFull {
+                mem: want,
+                left: s.window.end.saturating_sub(start),
+            });
         }
         // Removable memory comes in slots small enough to give back one by one.
         let piece = s.removable_slot_size.unwrap_or(delta);
         let needed = delta.div_ceil(piece) as usize;
         let used = s.mem_slot_sizes.len();
         if used >= s.mem_slots {
-            return Err(format!(
-                "all {} memory hotplug slots are used this boot; grow in larger steps or reboot",
-                s.mem_slots
-            ));
+            return Err(ResizeError::NoSlotLeft { slots: s.mem_slots });
         }
         if used + needed > s.mem_slots {
-            return Err(format!(
-                "mem={}: growing by {} needs {needed} memory hotplug slots of {}, only {} are left this boot",
-                format_size(want),
-                format_size(delta),
-                format_size(piece),
-                s.mem_slots - used
-            ));
+            return Err(ResizeError::TooFewSlots {
+                mem: want,
+                delta,
+                needed,
+                piece,
+                left: s.mem_slots - used,
+            });
         }
         let mut left = delta;
         for slot in used..used + needed {
@@ -183,18 +299,10 @@ fn plan_memory(s: &ResizeState, want: u64, plan: &mut Plan) -> Result<(), String
         }
     } else if want < current {
         if want < MIN_MEMORY_SIZE {
-            return Err(format!(
-                "mem={} is below the minimum of {}",
-                format_size(want),
-                format_size(MIN_MEMORY_SIZE)
-            ));
+            return Err(ResizeError::MemBelowMin(want));
         }
         if !want.is_multiple_of(MEMORY_SIZE_ALIGN) {
-            return Err(format!(
-                "mem={} is not a multiple of {}",
-                format_size(want),
-                format_size(MEMORY_SIZE_ALIGN)
-            ));
+            return Err(ResizeError::UnalignedMem(want));
         }
         let top_fits = s
             .mem_slot_sizes
@@ -211,19 +319,19 @@ fn plan_memory(s: &ResizeState, want: u64, plan: &mut Plan) -> Result<(), String
 /// The VMM-side operations a resize needs before it is announced.
 pub trait Backend {
     /// Maps and registers `size` bytes of RAM at `start`.
-    fn add_memory(&mut self, start: u64, size: u64) -> Result<(), String>;
+    fn add_memory(&mut self, start: u64, size: u64) -> Result<(), BackendError>;
     /// Unregisters and unmaps the RAM added last.
-    fn remove_last_memory(&mut self) -> Result<(), String>;
+    fn remove_last_memory(&mut self) -> Result<(), BackendError>;
     /// Creates (or reuses) vCPU `id` and starts its thread.
-    fn start_vcpu(&mut self, id: u32) -> Result<(), String>;
+    fn start_vcpu(&mut self, id: u32) -> Result<(), BackendError>;
     /// Stops the thread of vCPU `id` again (its fd is kept for reuse).
     fn stop_vcpu(&mut self, id: u32);
 }
 
 /// Does the VMM-side work of `plan` through `backend`: memory first, then the vCPUs. If a step
 /// fails, everything done so far is undone in reverse order and the error says nothing changed.
-pub fn prepare(plan: &Plan, backend: &mut dyn Backend) -> Result<(), String> {
-    let failed = |e: String| format!("resize failed, nothing changed: {e}");
+pub fn prepare(plan: &Plan, backend: &mut dyn Backend) -> Result<(), ResizeError> {
+    let failed = ResizeError::Failed;
     let unmap = |backend: &mut dyn Backend, count: usize| {
         for _ in 0..count {
             if let Err(e) = backend.remove_last_memory() {
@@ -315,7 +423,7 @@ pub fn transact(
     cpus: Option<u32>,
     mem: Option<u64>,
     events: &mut Vec<Event>,
-) -> Result<Option<u64>, String> {
+) -> Result<Option<u64>, ResizeError> {
     events.extend(m.cpus().reap_all_ejected());
     let reaped = m.reap_memory();
     events.extend(reaped.events);
@@ -396,11 +504,11 @@ mod tests {
         };
         assert_eq!(plan(&s3, Some(1), None).unwrap().remove_cpus, 1..3);
         assert_eq!(
-            plan(&s, Some(0), None).unwrap_err(),
+            plan(&s, Some(0), None).unwrap_err().to_string(),
             "cpus=0 is invalid: a VM needs at least one vCPU"
         );
         assert_eq!(
-            plan(&s, Some(5), None).unwrap_err(),
+            plan(&s, Some(5), None).unwrap_err().to_string(),
             "cpus=5 exceeds max_cpus=4 (set at start with --cpus max=)"
         );
     }
@@ -415,7 +523,7 @@ mod tests {
             ..state()
         };
         assert_eq!(
-            plan(&s, Some(2), None).unwrap_err(),
+            plan(&s, Some(2), None).unwrap_err().to_string(),
             "removal of vCPU 1,2 still pending for 7s: the guest has not ejected it yet; retry when info shows removing=none"
         );
         // Asking for the count already requested changes nothing; memory still works.
@@ -509,7 +617,7 @@ mod tests {
         };
         for mem in [640 * M, 2 * G, 768 * M + 128 * M] {
             assert_eq!(
-                plan(&s, None, Some(mem)).unwrap_err(),
+                plan(&s, None, Some(mem)).unwrap_err().to_string(),
                 "removal of memory slot 3 still pending for 4s: the guest has not ejected it yet; retry when info shows removing_mem=none"
             );
         }
@@ -525,7 +633,7 @@ mod tests {
     #[test]
     fn memory_errors() {
         let s = state();
-        let err = |mem, st: &ResizeState| plan(st, None, Some(mem)).unwrap_err();
+        let err = |mem, st: &ResizeState| plan(st, None, Some(mem)).unwrap_err().to_string();
         assert_eq!(
             err(4 * G, &s),
             "mem=4G exceeds max_mem=2560M (size + hotplug_size at start)"
@@ -577,26 +685,33 @@ mod tests {
     }
 
     impl Backend for Fake {
-        fn add_memory(&mut self, start: u64, size: u64) -> Result<(), String> {
+        fn add_memory(&mut self, start: u64, size: u64) -> Result<(), BackendError> {
             self.calls.push(format!("add_memory {start:#x}"));
             if self.fail_mem {
-                return Err("KVM_SET_USER_MEMORY_REGION failed".into());
+                let einval = kvm_ioctls::Error::new(libc::EINVAL);
+                return Err(VmError::Ioctl("KVM_SET_USER_MEMORY_REGION", einval).into());
             }
             self.mem.push((start, size));
             Ok(())
         }
-        fn remove_last_memory(&mut self) -> Result<(), String> {
+        fn remove_last_memory(&mut self) -> Result<(), BackendError> {
             self.calls.push("remove_last_memory".into());
             if self.fail_unmap {
-                return Err("munmap failed".into());
+                return Err(VmError::Memory {
+                    addr: 0,
+                    size: 0,
+                    reason: "munmap failed".into(),
+                }
+                .into());
             }
             self.mem.pop();
             Ok(())
         }
-        fn start_vcpu(&mut self, id: u32) -> Result<(), String> {
+        fn start_vcpu(&mut self, id: u32) -> Result<(), BackendError> {
             self.calls.push(format!("start_vcpu {id}"));
             if self.fail_vcpu == Some(id) {
-                return Err(format!("cannot spawn the thread for vCPU {id}"));
+                let eagain = std::io::Error::from_raw_os_error(libc::EAGAIN);
+                return Err(VcpuError::Spawn(id, eagain).into());
             }
             self.running.push(id);
             Ok(())
@@ -615,16 +730,16 @@ mod tests {
     fn a_failed_second_memory_slot_unmaps_the_first() {
         struct FailSecond(Fake);
         impl Backend for FailSecond {
-            fn add_memory(&mut self, start: u64, size: u64) -> Result<(), String> {
+            fn add_memory(&mut self, start: u64, size: u64) -> Result<(), BackendError> {
                 if !self.0.mem.is_empty() {
                     self.0.fail_mem = true;
                 }
                 self.0.add_memory(start, size)
             }
-            fn remove_last_memory(&mut self) -> Result<(), String> {
+            fn remove_last_memory(&mut self) -> Result<(), BackendError> {
                 self.0.remove_last_memory()
             }
-            fn start_vcpu(&mut self, id: u32) -> Result<(), String> {
+            fn start_vcpu(&mut self, id: u32) -> Result<(), BackendError> {
                 self.0.start_vcpu(id)
             }
             fn stop_vcpu(&mut self, id: u32) {
@@ -659,10 +774,10 @@ mod tests {
             fail_vcpu: Some(3),
             ..Fake::default()
         };
-        let err = prepare(&both(), &mut f).unwrap_err();
+        let err = prepare(&both(), &mut f).unwrap_err().to_string();
         assert_eq!(
             err,
-            "resize failed, nothing changed: cannot spawn the thread for vCPU 3"
+            "resize failed, nothing changed: cannot spawn the thread for vCPU 3: Resource temporarily unavailable (os error 11)"
         );
         assert!(f.mem.is_empty() && f.running.is_empty(), "{:?}", f.calls);
         assert_eq!(
@@ -691,10 +806,10 @@ mod tests {
             fail_mem: true,
             ..Fake::default()
         };
-        let err = prepare(&both(), &mut f).unwrap_err();
+        let err = prepare(&both(), &mut f).unwrap_err().to_string();
         assert_eq!(
             err,
-            "resize failed, nothing changed: KVM_SET_USER_MEMORY_REGION failed"
+            "resize failed, nothing changed: KVM_SET_USER_MEMORY_REGION failed: Invalid argument (os error 22)"
         );
         assert_eq!(f.calls, ["add_memory 0x100000000"], "no vCPU started");
     }
@@ -706,8 +821,11 @@ mod tests {
             fail_unmap: true,
             ..Fake::default()
         };
-        let err = prepare(&both(), &mut f).unwrap_err();
-        assert!(err.ends_with("cannot spawn the thread for vCPU 2"), "{err}");
+        let err = prepare(&both(), &mut f).unwrap_err().to_string();
+        assert!(
+            err.starts_with("resize failed, nothing changed: cannot spawn the thread for vCPU 2:"),
+            "{err}"
+        );
         assert!(f.running.is_empty());
     }
 }
