@@ -39,7 +39,7 @@ need() {
 }
 
 # Modules the L1 initramfs loads, in load order (busybox insmod does not resolve dependencies).
-# vsock .. vhost_vsock give L1 /dev/vhost-vsock, for QEMU's vhost-vsock device in tests/virtio_bench.rs;
+# vsock .. vhost_vsock give L1 /dev/vhost-vsock, for QEMU's vhost-vsock device in benches/virtio_bench.rs;
 # failover .. virtio_net the NIC through which tests/demo.sh forwards the control socket.
 L1_MODULES=(irqbypass ccp kvm kvm-amd virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
 	9pnet 9pnet_virtio netfs fscache 9p vsock vmw_vsock_virtio_transport_common vhost_iotlb vhost vhost_vsock

@@ -23,6 +23,7 @@
 //! `vhost-vsock-device` (the L1 kernel's vhost_vsock), reached from the host with AF_VSOCK;
 //! minivmm's is its Firecracker-style hybrid vsock (a Unix socket and `CONNECT <port>`).
 
+#[path = "../tests/common/mod.rs"]
 mod common;
 
 use std::fs::File;

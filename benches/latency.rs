@@ -18,6 +18,7 @@
 //! - own RSS: the VMM's resident memory outside guest RAM (mappings of 64 MiB and more are
 //!   taken to be guest RAM), after the boot.
 
+#[path = "../tests/common/mod.rs"]
 mod common;
 
 use std::io::{BufRead, BufReader, Write};
