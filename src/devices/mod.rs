@@ -155,6 +155,16 @@ pub enum DeviceEvent {
     },
 }
 
+impl DeviceEvent {
+    /// Whether the event ends the VM's run (or this boot): the vCPU that saw it stops.
+    pub fn stops_the_vm(&self) -> bool {
+        matches!(
+            self,
+            DeviceEvent::Reset(_) | DeviceEvent::PowerOff | DeviceEvent::GuestExit(_) | DeviceEvent::Panic
+        )
+    }
+}
+
 /// A device on the PIO or MMIO bus.
 ///
 /// `offset` is relative to the device's base; the [`Bus`] guarantees that

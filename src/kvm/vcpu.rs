@@ -41,34 +41,19 @@ pub enum VcpuError {
 /// What a vCPU thread tells the main thread.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VcpuEvent {
-    /// The guest reset the machine.
-    Reset(ResetCause),
-    /// The guest powered off (ACPI S5 or a KVM shutdown system event).
-    PowerOff,
-    /// The guest wrote this value to the exit device.
-    GuestExit(u32),
-    /// The guest panicked (pvpanic).
-    Panic {
-        /// vCPU that reported it.
+    /// The guest asks the VMM for something, through a device register (reset, power-off,
+    /// exit device, pvpanic, debug port, ejects, `_OST`, virtio status work) or a KVM exit (a
+    /// system event or a triple fault, as a reset or a power-off).
+    Request {
+        /// The vCPU that saw it.
         cpu: u32,
-    },
-    /// The guest's first write to the debug port this boot.
-    BootMarker {
-        /// Value written.
-        value: u8,
+        /// What is asked.
+        event: DeviceEvent,
         /// When the vCPU saw it.
         at: Instant,
     },
-    /// The guest ejected this vCPU (`_EJ0`); its thread must be stopped.
-    Ejected(u32),
-    /// The guest ejected this memory slot (`_EJ0`); its memory must be unmapped.
-    MemEjected(u32),
     /// This vCPU came online: the guest kernel set up its SYSCALL entry (IA32_LSTAR).
     Online(u32),
-    /// The guest reported a hotplug status through `_OST`.
-    Ost(DeviceEvent),
-    /// A virtio driver reset or started a device; the main thread completes it.
-    VirtioStatus,
     /// The vCPU hit a condition it cannot continue from.
     Fatal {
         /// vCPU index.
@@ -281,16 +266,19 @@ fn handle_exit(id: u32, exit: VcpuExit<'_>, ctx: &VcpuContext) -> Next {
         }
         VcpuExit::SystemEvent(kind, _) => {
             return match kind {
-                kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Next::Stop(VcpuEvent::PowerOff),
+                kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => {
+                    Next::Stop(request(id, DeviceEvent::PowerOff))
+                }
                 kvm_bindings::KVM_SYSTEM_EVENT_RESET => {
-                    Next::Stop(VcpuEvent::Reset(ResetCause::SystemEvent))
+                    Next::Stop(request(id, DeviceEvent::Reset(ResetCause::SystemEvent)))
                 }
                 other => Next::Stop(fatal(id, format!("system event {other}"))),
             }
         }
         // A triple fault resets a PC; the RIP is filled in by `describe`.
         VcpuExit::Shutdown => {
-            return Next::Stop(VcpuEvent::Reset(ResetCause::TripleFault { rip: 0 }))
+            let triple_fault = ResetCause::TripleFault { rip: 0 };
+            return Next::Stop(request(id, DeviceEvent::Reset(triple_fault)));
         }
         VcpuExit::Hlt => return Next::Stop(fatal(id, "unexpected HLT exit (KVM_EXIT_HLT)")),
         VcpuExit::InternalError => return Next::Stop(fatal(id, "KVM_EXIT_INTERNAL_ERROR")),
@@ -306,31 +294,9 @@ fn handle_exit(id: u32, exit: VcpuExit<'_>, ctx: &VcpuContext) -> Next {
     };
     match device_event {
         None | Some(DeviceEvent::None) => Next::Continue,
-        Some(DeviceEvent::Reset(cause)) => Next::Stop(VcpuEvent::Reset(cause)),
-        Some(DeviceEvent::PowerOff) => Next::Stop(VcpuEvent::PowerOff),
-        Some(DeviceEvent::GuestExit(value)) => Next::Stop(VcpuEvent::GuestExit(value)),
-        Some(DeviceEvent::Panic) => Next::Stop(VcpuEvent::Panic { cpu: id }),
-        Some(DeviceEvent::BootMarker(value)) => {
-            ctx.events.send(VcpuEvent::BootMarker {
-                value,
-                at: Instant::now(),
-            });
-            Next::Continue
-        }
-        Some(DeviceEvent::CpuEject(cpu)) => {
-            ctx.events.send(VcpuEvent::Ejected(cpu));
-            Next::Continue
-        }
-        Some(DeviceEvent::MemEject(slot)) => {
-            ctx.events.send(VcpuEvent::MemEjected(slot));
-            Next::Continue
-        }
-        Some(DeviceEvent::VirtioStatus) => {
-            ctx.events.send(VcpuEvent::VirtioStatus);
-            Next::Continue
-        }
-        Some(ost @ (DeviceEvent::CpuOst { .. } | DeviceEvent::MemOst { .. })) => {
-            ctx.events.send(VcpuEvent::Ost(ost));
+        Some(event) if event.stops_the_vm() => Next::Stop(request(id, event)),
+        Some(event) => {
+            ctx.events.send(request(id, event));
             Next::Continue
         }
     }
@@ -346,6 +312,14 @@ fn write_msr(vcpu: &VcpuFd, index: u32, data: u64) -> Result<(), String> {
     msr::set_msrs(vcpu, &[entry]).map_err(|e| format!("writing MSR {index:#x} = {data:#x}: {e}"))
 }
 
+fn request(cpu: u32, event: DeviceEvent) -> VcpuEvent {
+    VcpuEvent::Request {
+        cpu,
+        event,
+        at: Instant::now(),
+    }
+}
+
 fn fatal(cpu: u32, reason: impl Into<String>) -> VcpuEvent {
     VcpuEvent::Fatal {
         cpu,
@@ -357,21 +331,32 @@ fn fatal(cpu: u32, reason: impl Into<String>) -> VcpuEvent {
 /// the RIP of a triple fault, whether an ACPI reset came from the reset-vector stub, and the
 /// RIP and internal-error details of a fatal exit.
 fn describe(vcpu: &mut VcpuFd, event: VcpuEvent) -> VcpuEvent {
+    let reset = |cause| DeviceEvent::Reset(cause);
     match event {
-        VcpuEvent::Reset(ResetCause::TripleFault { .. }) => {
+        VcpuEvent::Request {
+            cpu,
+            event: DeviceEvent::Reset(ResetCause::TripleFault { .. }),
+            at,
+        } => {
             let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
-            VcpuEvent::Reset(ResetCause::TripleFault { rip })
+            let event = reset(ResetCause::TripleFault { rip });
+            VcpuEvent::Request { cpu, event, at }
         }
-        VcpuEvent::Reset(ResetCause::AcpiResetRegister) => {
+        VcpuEvent::Request {
+            cpu,
+            event: DeviceEvent::Reset(ResetCause::AcpiResetRegister),
+            at,
+        } => {
             let from_stub = match (vcpu.get_regs(), vcpu.get_sregs()) {
                 (Ok(regs), Ok(sregs)) => in_reset_vector_stub(sregs.cs.base, regs.rip),
                 _ => false,
             };
-            VcpuEvent::Reset(if from_stub {
+            let event = reset(if from_stub {
                 ResetCause::BiosResetVector
             } else {
                 ResetCause::AcpiResetRegister
-            })
+            });
+            VcpuEvent::Request { cpu, event, at }
         }
         VcpuEvent::Fatal { .. } => describe_fatal(vcpu, event),
         other => other,

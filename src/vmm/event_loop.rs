@@ -12,6 +12,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use crate::control::events::Event;
 use crate::control::protocol::{ControlTarget, VmInfo};
+use crate::devices::DeviceEvent;
 use crate::control::socket::ControlServer;
 use crate::kvm::vcpu::VcpuEvent;
 use crate::vmm::exit::Exit;
@@ -490,19 +491,25 @@ impl Ctx<'_> {
         let vmm = &mut *self.vmm;
         Ok(match vmm.process_vcpu_events() {
             None => None,
-            Some(VcpuEvent::PowerOff) => Some(Exit::PowerOff),
-            Some(VcpuEvent::GuestExit(value)) => Some(Exit::GuestExit(value)),
-            Some(VcpuEvent::Panic { cpu }) => {
-                log::error!("the guest panicked (pvpanic write from vCPU {cpu})");
-                vmm.push_event(Event::Panic);
-                Some(Exit::Panic)
-            }
-            Some(VcpuEvent::Reset(cause)) if vmm.no_reboot() => Some(Exit::Reset(cause)),
-            Some(VcpuEvent::Reset(cause)) => {
-                vmm.guest_reset(cause).map_err(EventLoopError::Reboot)?;
-                self.input.on_room(self.epoll, vmm);
-                None
-            }
+            Some(VcpuEvent::Request { cpu, event, .. }) => match event {
+                DeviceEvent::PowerOff => Some(Exit::PowerOff),
+                DeviceEvent::GuestExit(value) => Some(Exit::GuestExit(value)),
+                DeviceEvent::Panic => {
+                    log::error!("the guest panicked (pvpanic write from vCPU {cpu})");
+                    vmm.push_event(Event::Panic);
+                    Some(Exit::Panic)
+                }
+                DeviceEvent::Reset(cause) if vmm.no_reboot() => Some(Exit::Reset(cause)),
+                DeviceEvent::Reset(cause) => {
+                    vmm.guest_reset(cause).map_err(EventLoopError::Reboot)?;
+                    self.input.on_room(self.epoll, vmm);
+                    None
+                }
+                other => {
+                    log::debug!("ignored vCPU event {other:?}");
+                    None
+                }
+            },
             Some(VcpuEvent::Fatal { cpu, reason }) => {
                 Some(Exit::Fatal(format!("vCPU {cpu}: {reason}")))
             }

@@ -205,24 +205,27 @@ impl Vmm {
         let _ = self.events_wake.read();
         while let Ok(event) = self.events_rx.try_recv() {
             match event {
-                VcpuEvent::Ejected(cpu) => {
-                    if let Some(m) = self.machine.as_mut() {
-                        self.events.extend(m.cpus.reap(cpu));
+                VcpuEvent::Request { event, at, .. } if !event.stops_the_vm() => match event {
+                    DeviceEvent::CpuEject(cpu) => {
+                        if let Some(m) = self.machine.as_mut() {
+                            self.events.extend(m.cpus.reap(cpu));
+                        }
                     }
-                }
-                VcpuEvent::MemEjected(slot) => {
-                    if let Some(m) = self.machine.as_mut() {
-                        let step = m.reap_memory(Some(slot as usize));
-                        self.apply(step);
+                    DeviceEvent::MemEject(slot) => {
+                        if let Some(m) = self.machine.as_mut() {
+                            let step = m.reap_memory(Some(slot as usize));
+                            self.apply(step);
+                        }
                     }
-                }
-                VcpuEvent::Ost(ost) => self.on_ost(ost),
-                VcpuEvent::VirtioStatus => {
-                    if let Some(m) = &self.machine {
-                        m.virtio.settle();
+                    DeviceEvent::CpuOst { .. } | DeviceEvent::MemOst { .. } => self.on_ost(event),
+                    DeviceEvent::VirtioStatus => {
+                        if let Some(m) = &self.machine {
+                            m.virtio.settle();
+                        }
                     }
-                }
-                VcpuEvent::BootMarker { value, at } => self.on_boot_marker(value, at),
+                    DeviceEvent::BootMarker(value) => self.on_boot_marker(value, at),
+                    _ => {}
+                },
                 VcpuEvent::Online(cpu) => {
                     log::info!("vCPU {cpu} is online");
                     self.events.push(Event::CpuOnline(cpu));
