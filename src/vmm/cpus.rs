@@ -10,25 +10,23 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use kvm_ioctls::VcpuFd;
 
 use crate::control::events::Event;
 use crate::devices::cpu_hotplug::CpuHotplug;
 use crate::devices::lock;
-use crate::kvm::vcpu::{VcpuContext, VcpuError};
 use crate::kvm::vcpus::Vcpus;
-use crate::kvm::vm::Vm;
 
 /// vCPU threads, the CPU hotplug controller and the removal state of one boot.
 pub struct CpuManager {
-    vcpus: Vcpus,
+    /// The vCPU threads (and parked fds) of this boot, started and stopped by the machine.
+    pub vcpus: Vcpus,
     device: Arc<Mutex<CpuHotplug>>,
     target: u32,
     removal_since: Option<Instant>,
 }
 
 impl CpuManager {
-    /// `max` possible vCPUs of which `0..boot` are present (threads start with [`Self::run`]).
+    /// `max` possible vCPUs of which `0..boot` are present (their threads start with [`Vcpus::run`]).
     pub fn new(max: u32, boot: u32) -> Self {
         CpuManager {
             vcpus: Vcpus::new(max),
@@ -41,26 +39,6 @@ impl CpuManager {
     /// The controller, for the MMIO bus.
     pub fn device(&self) -> Arc<Mutex<CpuHotplug>> {
         self.device.clone()
-    }
-
-    /// Runs `fd` (created and set up by the caller) as vCPU `id`.
-    pub fn run(&mut self, id: u32, fd: VcpuFd, ctx: &VcpuContext) -> Result<(), VcpuError> {
-        self.vcpus.run(id, fd, ctx)
-    }
-
-    /// Starts vCPU `id` for a hot-add (a parked fd is reused).
-    pub fn start(&mut self, id: u32, vm: &Vm, ctx: &VcpuContext) -> Result<(), VcpuError> {
-        self.vcpus.start(id, vm, ctx)
-    }
-
-    /// Stops vCPU `id`'s thread (rollback of a hot-add, or after an eject).
-    pub fn stop(&mut self, id: u32) -> bool {
-        self.vcpus.stop(id)
-    }
-
-    /// Stops every vCPU thread.
-    pub fn stop_all(&mut self) {
-        self.vcpus.stop_all();
     }
 
     /// vCPUs present for the guest now (including those it is asked to remove).

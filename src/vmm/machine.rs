@@ -205,7 +205,7 @@ impl Machine {
             boot_marker: None,
         };
         for (id, fd) in (0..).zip(fds) {
-            if let Err(e) = machine.cpus.run(id, fd, &machine.ctx) {
+            if let Err(e) = machine.cpus.vcpus.run(id, fd, &machine.ctx) {
                 machine.stop();
                 return Err(e.into());
             }
@@ -215,7 +215,7 @@ impl Machine {
 
     /// Stops every vCPU; the VM and its memory go when the machine is dropped.
     pub fn stop(&mut self) {
-        self.cpus.stop_all();
+        self.cpus.vcpus.stop_all();
     }
 
     /// Unmaps memory slot `slot` after the guest's eject (None: the slot being removed, if the
@@ -331,11 +331,11 @@ impl resize::Backend for Machine {
     }
 
     fn start_vcpu(&mut self, id: u32) -> Result<(), BackendError> {
-        Ok(self.cpus.start(id, &self.vm, &self.ctx)?)
+        Ok(self.cpus.vcpus.start(id, &self.vm, &self.ctx)?)
     }
 
     fn stop_vcpu(&mut self, id: u32) {
-        self.cpus.stop(id);
+        self.cpus.vcpus.stop(id);
     }
 }
 
