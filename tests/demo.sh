@@ -75,7 +75,7 @@ emulated)
 	qemu-system-x86_64 -accel tcg,thread=multi,tb-size=512 -machine q35 -cpu EPYC -smp 2 -m 4G \
 		-nographic -no-reboot -nodefaults \
 		-chardev stdio,id=con,mux=on,signal=off -serial chardev:con -mon chardev=con,mode=readline \
-		-kernel "$CACHE/kernel/vmlinuz" -initrd "$CACHE/l1-initramfs.gz" \
+		-kernel "$CACHE/kernel/vmlinux" -initrd "$CACHE/l1-initramfs.gz" \
 		-append "console=ttyS0 panic=-1 rdinit=/init quiet minivmm.run=$script minivmm.cwd=$ROOT" \
 		-virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
 		-netdev "user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:$port-10.0.2.15:7000" \
