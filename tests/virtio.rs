@@ -1,7 +1,8 @@
 //! Real-Linux virtio tests (issue 10): virtio-blk disks (read-only and read-write) and the
 //! Firecracker-compatible hybrid vsock, through a guest reboot. The guest loads the Debian
 //! kernel's virtio_mmio, virtio_blk and vsock modules and finds the devices through ACPI
-//! (`LNRO0005`), with no command-line hints.
+//! (`LNRO0005`), with no command-line hints. It boots the ELF vmlinux (PVH: half a bzImage's
+//! boot time in the emulated test host); bzImage loading has its own tests in boot.rs.
 
 mod common;
 
@@ -76,7 +77,7 @@ fn disks_read_write_refuse_and_survive_a_reboot() {
         let rw = d.join("rw.img");
         std::fs::write(&rw, vec![0u8; (8 * MIB) as usize]).unwrap();
 
-        let mut opts = VmOptions::bzimage();
+        let mut opts = VmOptions::elf();
         opts.extra = vec![
             "--disk".into(),
             format!("path={},readonly=on", ro.display()),
@@ -140,7 +141,7 @@ fn vsock_moves_64_mib_both_ways_with_32_connections_and_after_a_reboot() {
         || {
             let dir = TempDir::new().unwrap();
             let sock = dir.as_path().join("v.sock");
-            let mut opts = VmOptions::bzimage();
+            let mut opts = VmOptions::elf();
             opts.memory = Some("size=768M".into());
             opts.extra = vec![
                 "--vsock".into(),
@@ -226,7 +227,7 @@ fn vsock_connections_held_open_through_a_reboot_and_a_power_off() {
         || {
             let dir = TempDir::new().unwrap();
             let sock = dir.as_path().join("v.sock");
-            let mut opts = VmOptions::bzimage();
+            let mut opts = VmOptions::elf();
             opts.extra = vec![
                 "--vsock".into(),
                 format!("cid=42,socket={}", sock.display()),
