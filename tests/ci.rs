@@ -92,7 +92,11 @@ fn ci_verdicts() {
         drop(vm);
 
         // A guest that never ends: --timeout 5s stops it with 124 about when the limit expires.
-        let mut vm = Vm::start(VmOptions::elf().arg(&["--timeout", "5s"]));
+        // `loglevel=7` makes the kernel print from its first console line on, so the guest has
+        // written something well before the limit even on a loaded emulated host (with `quiet`
+        // its first line came after 5 s there now and then).
+        let opts = VmOptions::elf().cmdline_add("loglevel=7");
+        let mut vm = Vm::start(opts.arg(&["--timeout", "5s"]));
         let code = vm.wait_exit(Duration::from_secs(20));
         let took = vm.elapsed();
         println!("--timeout 5s: exit {code} after {took:?}");
