@@ -419,16 +419,33 @@ fn acpiexec_buffer(out: &str, marker: &str) -> Vec<u8> {
 /// Runs `acpiexec` on the DSDT with every region byte initialised to `fill`, executing
 /// `commands`; fails on any ACPICA error or warning.
 fn acpiexec(dir: &Path, fill: u8, commands: &[String]) -> String {
+    acpiexec_with(dir, fill, commands, &[])
+}
+
+/// [`acpiexec`] with extra options before the batch.
+fn acpiexec_with(dir: &Path, fill: u8, commands: &[String], options: &[&str]) -> String {
     let batch = commands
         .iter()
         .map(|c| format!("execute {c}"))
         .collect::<Vec<_>>()
         .join("; ");
     let fill = format!("{fill:#x}");
-    let (ok, out) = run_tool(dir, "acpiexec", &["-fv", &fill, "-b", &batch, "DSDT.dat"]);
+    let mut args = options.to_vec();
+    args.extend(["-fv", &fill, "-b", &batch, "DSDT.dat"]);
+    let (ok, out) = run_tool(dir, "acpiexec", &args);
     assert!(ok, "acpiexec failed:\n{out}");
+    // A notification's delivery thread that has not run when acpiexec exits (a loaded machine)
+    // leaves its state allocated, which acpiexec's teardown reports as "Outstanding cache
+    // allocations": not an AML error, so that one line is not held against the tables.
+    let checked: Vec<&str> = out
+        .lines()
+        .filter(|l| !l.contains("Outstanding cache allocations"))
+        .collect();
     for bad in ["Error", "AE_", "Warning", "failed", "Could not"] {
-        assert!(!out.contains(bad), "acpiexec reported `{bad}`:\n{out}");
+        assert!(
+            !checked.iter().any(|l| l.contains(bad)),
+            "acpiexec reported `{bad}`:\n{out}"
+        );
     }
     for c in commands {
         let method = c.split_whitespace().next().unwrap();
@@ -501,19 +518,22 @@ fn acpiexec_evaluates_hotplug_methods() {
         }
 
         // The notifiers the scans call reach every device by index (in batches: acpiexec takes
-        // command lines of at most 1023 bytes).
+        // command lines of at most 1023 bytes). Counted where AML queues them (`-x 4` traces
+        // "Dispatching Notify" in the evaluating thread): acpiexec delivers a notification on a
+        // thread of its own, which may not have run when a loaded machine's acpiexec exits.
         let notifies: Vec<String> = (0..cfg.max_cpus)
             .map(|cpu| format!("\\_SB_.CPUS.CTFY {cpu} 1"))
             .chain((0..cfg.memory_slots).map(|slot| format!("\\_SB_.MHPC.MTFY {slot} 3")))
             .collect();
         let out: String = notifies
             .chunks(24)
-            .map(|batch| acpiexec(tmp.as_path(), 0, batch))
+            .map(|batch| acpiexec_with(tmp.as_path(), 0, batch, &["-x", "4"]))
             .collect();
         for cpu in 0..cfg.max_cpus {
             let name = cpu_device_name(cpu as u8);
             assert_eq!(
-                out.matches(&format!("System Notify on [{name}]")).count(),
+                out.matches(&format!("Dispatching Notify on [{name}] (Device) Value 0x01"))
+                    .count(),
                 1,
                 "one Device Check for {name}, from CTFY:\n{out}"
             );
@@ -521,7 +541,8 @@ fn acpiexec_evaluates_hotplug_methods() {
         for slot in 0..cfg.memory_slots {
             let name = memory_device_name(slot);
             assert_eq!(
-                out.matches(&format!("System Notify on [{name}]")).count(),
+                out.matches(&format!("Dispatching Notify on [{name}] (Device) Value 0x03"))
+                    .count(),
                 1,
                 "one Eject Request for {name}, from MTFY:\n{out}"
             );
