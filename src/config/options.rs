@@ -11,8 +11,8 @@ use super::devices::{
     check_disks, check_exit_device, check_vsock, parse_disk, parse_exit_device, parse_vsock,
 };
 use super::values::{
-    check_cmdline, check_timeout, parse_control, parse_log_level, parse_on_off, parse_serial,
-    parse_timeout,
+    check_cmdline, check_control, check_path, check_serial, check_timeout, parse_control,
+    parse_log_level, parse_on_off, parse_serial, parse_timeout,
 };
 use super::{ConfigError, VmConfig};
 
@@ -151,7 +151,8 @@ pub(super) const OPTIONS: &[OptSpec] = &[
             Ok(())
         },
     )
-    .required(),
+    .required()
+    .check(|c, flag| check_path(flag, &c.kernel)),
     OptSpec::value(
         "--initramfs",
         &[("PATH", "initramfs image handed to the kernel")],
@@ -159,7 +160,12 @@ pub(super) const OPTIONS: &[OptSpec] = &[
             c.initramfs = Some(v.into());
             Ok(())
         },
-    ),
+    )
+    .check(|c, flag| {
+        c.initramfs
+            .as_deref()
+            .map_or(Ok(()), |p| check_path(flag, p))
+    }),
     OptSpec::value(
         "--cmdline",
         &[(
@@ -248,7 +254,8 @@ pub(super) const OPTIONS: &[OptSpec] = &[
             c.serial = parse_serial(flag, v)?;
             Ok(())
         },
-    ),
+    )
+    .check(|c, flag| check_serial(flag, &c.serial)),
     OptSpec::flag(
         "--no-reboot",
         &[(
@@ -267,7 +274,12 @@ pub(super) const OPTIONS: &[OptSpec] = &[
             c.dump_acpi = Some(v.into());
             Ok(())
         },
-    ),
+    )
+    .check(|c, flag| {
+        c.dump_acpi
+            .as_deref()
+            .map_or(Ok(()), |p| check_path(flag, p))
+    }),
     OptSpec::value(
         "--control",
         &[
@@ -283,7 +295,12 @@ pub(super) const OPTIONS: &[OptSpec] = &[
             c.control = Some(parse_control(flag, v)?);
             Ok(())
         },
-    ),
+    )
+    .check(|c, flag| {
+        c.control
+            .as_ref()
+            .map_or(Ok(()), |e| check_control(flag, e))
+    }),
     OptSpec::value(
         "--seccomp",
         &[(

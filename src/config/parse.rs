@@ -407,6 +407,8 @@ mod tests {
         type Change = fn(&mut VmConfig);
         let window = |c: &mut VmConfig| c.memory.hotplug_size = 1 << 30;
         let cases: &[(Change, &str, &[&str])] = &[
+            (|c| c.kernel = PathBuf::new(), "--kernel: empty value", &["--kernel="]),
+            (|c| c.initramfs = Some(PathBuf::new()), "--initramfs: empty value", &["--initramfs="]),
             (|c| c.cmdline = "x".repeat(2048), "--cmdline: 2048 bytes is too long, at most 2047 bytes fit", &[]),
             (|c| c.cpus.boot = 0, "--cpus: boot=0 is invalid, need at least 1 vCPU", &["--cpus=boot=0"]),
             (|c| c.cpus = CpuConfig { boot: 2, max: 0 }, "--cpus: max=0 is invalid, need at least 1 vCPU", &["--cpus=boot=2,max=0"]),
@@ -451,6 +453,14 @@ mod tests {
                 |c| c.vsock = Some(VsockConfig { cid: 3, socket: PathBuf::new() }),
                 "--vsock: socket= is required",
                 &[],
+            ),
+            (|c| c.serial = SerialMode::File(PathBuf::new()), "--serial: file= needs a path", &["--serial=file="]),
+            (|c| c.dump_acpi = Some(PathBuf::new()), "--dump-acpi: empty value", &["--dump-acpi="]),
+            (|c| c.control = Some(ControlEndpoint::Socket(PathBuf::new())), "--control: empty value", &["--control="]),
+            (
+                |c| c.control = Some(ControlEndpoint::Fd { read: 3, write: -4 }),
+                "--control: fd=-4 is invalid, file descriptors are 0 or more",
+                &["--control=fd=3,-4"],
             ),
             (
                 |c| c.exit_device = Some(ExitDeviceConfig { iobase: 0xf4, iosize: 3 }),

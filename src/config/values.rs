@@ -8,7 +8,7 @@
 //! the command line, or printed from the typed value for a configuration built in code.
 
 use std::os::unix::io::RawFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::{ConfigError, ControlEndpoint, SerialMode, MAX_TIMEOUT};
@@ -110,6 +110,14 @@ pub(super) fn parse_port(flag: &'static str, key: &str, s: &str) -> Result<u16, 
     }
 }
 
+/// A path option's value given in code must not be empty, as on the command line.
+pub(super) fn check_path(flag: &'static str, path: &Path) -> Result<(), ConfigError> {
+    if path.as_os_str().is_empty() {
+        return Err(ConfigError::EmptyValue(flag));
+    }
+    Ok(())
+}
+
 /// `--cmdline`: at most 2047 bytes, the guest's buffer less its NUL (see also the cross-option
 /// rule that counts what minivmm appends).
 pub(super) fn check_cmdline(flag: &'static str, cmdline: &str) -> Result<(), ConfigError> {
@@ -206,6 +214,23 @@ pub(super) fn parse_control(
             flag,
             format!("expected fd=N or fd=IN,OUT, got {value:?}"),
         )),
+    }
+}
+
+/// A control endpoint given in code: a socket path that is not empty, descriptors that are 0 or
+/// more.
+pub(super) fn check_control(
+    flag: &'static str,
+    control: &ControlEndpoint,
+) -> Result<(), ConfigError> {
+    match control {
+        ControlEndpoint::Socket(path) => check_path(flag, path),
+        ControlEndpoint::Fd { read, write } => {
+            match [*read, *write].into_iter().find(|fd| *fd < 0) {
+                Some(fd) => Err(negative_fd(flag, &fd.to_string())),
+                None => Ok(()),
+            }
+        }
     }
 }
 
