@@ -3,6 +3,7 @@
 //! are read (so the first problem written is the one reported); [`check_cpus`] and
 //! [`check_memory`] apply the same rules, in the same order, to values built in code.
 
+use std::fmt::{self, Display};
 use std::time::Duration;
 
 use super::size::{format_size, parse_size, SizeError};
@@ -26,7 +27,7 @@ fn check_vcpu_count(
     flag: &'static str,
     key: &str,
     n: u64,
-    shown: &str,
+    shown: &dyn Display,
 ) -> Result<u32, ConfigError> {
     let too_many = || {
         invalid(
@@ -53,12 +54,17 @@ fn parse_vcpu_count(flag: &'static str, key: &str, s: &str) -> Result<u32, Confi
             flag,
             format!("{key}={s} exceeds the maximum of {MAX_VCPUS} vCPUs"),
         )),
-        Some(Some(n)) => check_vcpu_count(flag, key, n, s),
+        Some(Some(n)) => check_vcpu_count(flag, key, n, &s),
     }
 }
 
 /// `max` may not be below `boot` (`shown` is how `max` was written).
-fn check_max_cpus(flag: &'static str, boot: u32, max: u32, shown: &str) -> Result<(), ConfigError> {
+fn check_max_cpus(
+    flag: &'static str,
+    boot: u32,
+    max: u32,
+    shown: &dyn Display,
+) -> Result<(), ConfigError> {
     if max < boot {
         return Err(invalid(
             flag,
@@ -78,7 +84,7 @@ pub(super) fn parse_cpus(flag: &'static str, value: &str) -> Result<CpuConfig, C
     let max = match max {
         Some(s) => {
             let max = parse_vcpu_count(flag, "max", s)?;
-            check_max_cpus(flag, boot, max, s)?;
+            check_max_cpus(flag, boot, max, &s)?;
             max
         }
         None => boot,
@@ -88,9 +94,18 @@ pub(super) fn parse_cpus(flag: &'static str, value: &str) -> Result<CpuConfig, C
 
 /// The rules of `--cpus` for counts built in code: `1 <= boot <= max <= MAX_VCPUS`.
 pub(super) fn check_cpus(flag: &'static str, cpus: &CpuConfig) -> Result<(), ConfigError> {
-    let boot = check_vcpu_count(flag, "boot", cpus.boot.into(), &cpus.boot.to_string())?;
-    let max = check_vcpu_count(flag, "max", cpus.max.into(), &cpus.max.to_string())?;
-    check_max_cpus(flag, boot, max, &max.to_string())
+    let boot = check_vcpu_count(flag, "boot", cpus.boot.into(), &cpus.boot)?;
+    let max = check_vcpu_count(flag, "max", cpus.max.into(), &cpus.max)?;
+    check_max_cpus(flag, boot, max, &max)
+}
+
+/// A byte count shown as a SIZE (`512M`) in messages.
+struct Size(u64);
+
+impl Display for Size {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&format_size(self.0))
+    }
 }
 
 fn parse_size_value(flag: &'static str, key: &str, s: &str) -> Result<u64, ConfigError> {
@@ -106,7 +121,7 @@ fn parse_size_value(flag: &'static str, key: &str, s: &str) -> Result<u64, Confi
 }
 
 /// Boot RAM: at least [`MIN_MEMORY_SIZE`], a multiple of [`MEMORY_SIZE_ALIGN`].
-fn check_boot_size(flag: &'static str, size: u64, shown: &str) -> Result<(), ConfigError> {
+fn check_boot_size(flag: &'static str, size: u64, shown: &dyn Display) -> Result<(), ConfigError> {
     if size < MIN_MEMORY_SIZE {
         return Err(invalid(
             flag,
@@ -129,7 +144,11 @@ fn check_boot_size(flag: &'static str, size: u64, shown: &str) -> Result<(), Con
 }
 
 /// The hotplug window: a multiple of `MEMORY_HOTPLUG_ALIGN`.
-fn check_hotplug_size(flag: &'static str, size: u64, shown: &str) -> Result<(), ConfigError> {
+fn check_hotplug_size(
+    flag: &'static str,
+    size: u64,
+    shown: &dyn Display,
+) -> Result<(), ConfigError> {
     if !size.is_multiple_of(MEMORY_HOTPLUG_ALIGN) {
         return Err(invalid(
             flag,
@@ -145,8 +164,8 @@ fn check_hotplug_size(flag: &'static str, size: u64, shown: &str) -> Result<(), 
 /// Boot RAM and boot RAM plus the window: at most [`MAX_TOTAL_MEMORY`].
 fn check_total(
     flag: &'static str,
-    (size, size_shown): (u64, &str),
-    (hotplug_size, hotplug_shown): (u64, &str),
+    (size, size_shown): (u64, &dyn Display),
+    (hotplug_size, hotplug_shown): (u64, &dyn Display),
 ) -> Result<(), ConfigError> {
     let limit = format_size(MAX_TOTAL_MEMORY);
     if size > MAX_TOTAL_MEMORY {
@@ -184,7 +203,7 @@ fn check_removable(
     Ok(())
 }
 
-fn bad_remove_timeout(flag: &'static str, shown: &str) -> ConfigError {
+fn bad_remove_timeout(flag: &'static str, shown: &dyn Display) -> ConfigError {
     invalid(
         flag,
         format!(
@@ -209,7 +228,7 @@ fn parse_remove_timeout(
             flag,
             "remove_timeout= only applies with removable=on",
         )),
-        _ => Err(bad_remove_timeout(flag, v)),
+        _ => Err(bad_remove_timeout(flag, &v)),
     }
 }
 
@@ -221,20 +240,20 @@ pub(super) fn parse_memory(flag: &'static str, value: &str) -> Result<MemoryConf
         &MEMORY_KEYS,
         "size=SIZE[,hotplug_size=SIZE][,thp=on|off][,removable=on|off][,remove_timeout=SECS]",
     )?;
-    let (size, size_text) = match size {
-        Some(s) => (parse_size_value(flag, "size", s)?, s.to_string()),
-        None => (DEFAULT_MEMORY_SIZE, format_size(DEFAULT_MEMORY_SIZE)),
+    let (size, size_text): (u64, &dyn Display) = match &size {
+        Some(s) => (parse_size_value(flag, "size", s)?, s),
+        None => (DEFAULT_MEMORY_SIZE, &Size(DEFAULT_MEMORY_SIZE)),
     };
-    check_boot_size(flag, size, &size_text)?;
+    check_boot_size(flag, size, size_text)?;
     let (hotplug_size, hotplug_text) = match hotplug_size {
         Some(s) => {
             let n = parse_size_value(flag, "hotplug_size", s)?;
-            check_hotplug_size(flag, n, s)?;
+            check_hotplug_size(flag, n, &s)?;
             (n, s)
         }
         None => (0, "0"),
     };
-    check_total(flag, (size, &size_text), (hotplug_size, hotplug_text))?;
+    check_total(flag, (size, size_text), (hotplug_size, &hotplug_text))?;
     let removable = key_on_off(flag, "removable", removable, false)?;
     check_removable(flag, removable, hotplug_size)?;
     let remove_timeout = parse_remove_timeout(flag, remove_timeout, removable)?;
@@ -249,20 +268,22 @@ pub(super) fn parse_memory(flag: &'static str, value: &str) -> Result<MemoryConf
 
 /// The rules of `--memory` for sizes built in code (the timeout counts only when removable).
 pub(super) fn check_memory(flag: &'static str, memory: &MemoryConfig) -> Result<(), ConfigError> {
-    let size = (memory.size, format_size(memory.size));
-    let hotplug = (memory.hotplug_size, format_size(memory.hotplug_size));
-    check_boot_size(flag, size.0, &size.1)?;
-    check_hotplug_size(flag, hotplug.0, &hotplug.1)?;
-    check_total(flag, (size.0, &size.1), (hotplug.0, &hotplug.1))?;
+    let size = (memory.size, &Size(memory.size) as &dyn Display);
+    let hotplug = (
+        memory.hotplug_size,
+        &Size(memory.hotplug_size) as &dyn Display,
+    );
+    check_boot_size(flag, size.0, size.1)?;
+    check_hotplug_size(flag, hotplug.0, hotplug.1)?;
+    check_total(flag, size, hotplug)?;
     check_removable(flag, memory.removable, memory.hotplug_size)?;
     let t = memory.remove_timeout;
     let whole = t.subsec_nanos() == 0 && (1..=MAX_REMOVE_TIMEOUT_SECS).contains(&t.as_secs());
     if memory.removable && !whole {
-        let shown = match t.subsec_nanos() {
-            0 => t.as_secs().to_string(),
-            _ => format!("{t:?}"),
-        };
-        return Err(bad_remove_timeout(flag, &shown));
+        return Err(match t.subsec_nanos() {
+            0 => bad_remove_timeout(flag, &t.as_secs()),
+            _ => bad_remove_timeout(flag, &format_args!("{t:?}")),
+        });
     }
     Ok(())
 }

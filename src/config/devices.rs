@@ -2,6 +2,7 @@
 //! `--exit-device on|off|iobase=PORT[,iosize=N]`: their sub-keys, parsers and rules, the rules
 //! shared with [`super::validate`] for devices built in code.
 
+use std::fmt::Display;
 use std::path::PathBuf;
 
 use super::values::{invalid, key_on_off, parse_decimal, parse_key_values, parse_port};
@@ -36,7 +37,11 @@ pub(super) fn check_disks(flag: &'static str, disks: &[DiskConfig]) -> Result<()
 }
 
 /// Guest CIDs 0-2 are reserved; `u32::MAX` is `VMADDR_CID_ANY` (`shown` is how it was written).
-fn check_cid(flag: &'static str, cid: Option<u64>, shown: &str) -> Result<u64, ConfigError> {
+fn check_cid(
+    flag: &'static str,
+    cid: Option<u64>,
+    shown: &dyn Display,
+) -> Result<u64, ConfigError> {
     match cid {
         Some(n) if (3..=MAX_GUEST_CID).contains(&n) => Ok(n),
         _ => Err(invalid(
@@ -57,14 +62,14 @@ pub(super) fn parse_vsock(flag: &'static str, value: &str) -> Result<VsockConfig
         ));
     };
     Ok(VsockConfig {
-        cid: check_cid(flag, parse_decimal(cid).flatten(), cid)?,
+        cid: check_cid(flag, parse_decimal(cid).flatten(), &cid)?,
         socket: PathBuf::from(socket),
     })
 }
 
 /// A vsock device built in code: a valid CID and a socket path.
 pub(super) fn check_vsock(flag: &'static str, vsock: &VsockConfig) -> Result<(), ConfigError> {
-    check_cid(flag, Some(vsock.cid), &vsock.cid.to_string())?;
+    check_cid(flag, Some(vsock.cid), &vsock.cid)?;
     if vsock.socket.as_os_str().is_empty() {
         return Err(invalid(flag, "socket= is required"));
     }
@@ -72,7 +77,11 @@ pub(super) fn check_vsock(flag: &'static str, vsock: &VsockConfig) -> Result<(),
 }
 
 /// `iosize=` is 1, 2 or 4 (`shown` is how it was written).
-fn check_iosize(flag: &'static str, iosize: Option<u16>, shown: &str) -> Result<u16, ConfigError> {
+fn check_iosize(
+    flag: &'static str,
+    iosize: Option<u16>,
+    shown: &dyn Display,
+) -> Result<u16, ConfigError> {
     match iosize {
         Some(n @ (1 | 2 | 4)) => Ok(n),
         _ => Err(invalid(
@@ -128,7 +137,7 @@ pub(super) fn parse_exit_device(
             "1" | "2" | "4" => s.parse().ok(),
             _ => None,
         };
-        dev.iosize = check_iosize(flag, n, s)?;
+        dev.iosize = check_iosize(flag, n, &s)?;
     }
     check_exit_ports(flag, &dev)?;
     Ok(Some(dev))
@@ -139,7 +148,7 @@ pub(super) fn check_exit_device(
     flag: &'static str,
     dev: &ExitDeviceConfig,
 ) -> Result<(), ConfigError> {
-    check_iosize(flag, Some(dev.iosize), &dev.iosize.to_string())?;
+    check_iosize(flag, Some(dev.iosize), &dev.iosize)?;
     check_exit_ports(flag, dev)
 }
 

@@ -43,9 +43,10 @@ pub(super) enum Action {
     Set(SetFn),
 }
 
-/// One command-line option.
+/// What the parser and [`super::validate`] read of an option: its declaration less the help
+/// lines, which only [`USAGE`] needs (so that they are not in the binary twice).
 #[derive(Debug, Clone, Copy)]
-pub(super) struct OptSpec {
+pub(super) struct Opt {
     /// The long name, `--name`, used in every message about the option.
     pub(super) name: &'static str,
     /// A short alias (`-h`), shown before the long name in `--help`.
@@ -60,6 +61,13 @@ pub(super) struct OptSpec {
     pub(super) action: Action,
     /// Its rules, for [`super::validate`].
     pub(super) check: CheckFn,
+}
+
+/// One command-line option, as declared.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct OptSpec {
+    /// Everything but the help lines.
+    pub(super) opt: Opt,
     /// Its `--help` entries: (what follows the name, the description). A description starts on
     /// the line of the name when that ends before [`HELP_COLUMN`], else on the next line; each
     /// `\n` in it continues at that column.
@@ -78,7 +86,7 @@ impl OptSpec {
         help: &'static [(&'static str, &'static str)],
         set: SetFn,
     ) -> Self {
-        OptSpec {
+        let opt = Opt {
             name,
             short: None,
             takes: Takes::Value,
@@ -86,8 +94,8 @@ impl OptSpec {
             required: false,
             action: Action::Set(set),
             check: no_rules,
-            help,
-        }
+        };
+        OptSpec { opt, help }
     }
 
     /// A flag: an option without a value.
@@ -96,48 +104,53 @@ impl OptSpec {
         help: &'static [(&'static str, &'static str)],
         action: Action,
     ) -> Self {
-        OptSpec {
+        let spec = OptSpec::value(name, help, |_, _, _| Ok(()));
+        spec.with(Opt {
             takes: Takes::Nothing,
             action,
-            ..OptSpec::value(name, help, |_, _, _| Ok(()))
-        }
+            ..spec.opt
+        })
+    }
+
+    const fn with(self, opt: Opt) -> Self {
+        OptSpec { opt, ..self }
     }
 
     /// The rules a configuration built in code must follow.
     const fn check(self, check: CheckFn) -> Self {
-        OptSpec { check, ..self }
+        self.with(Opt { check, ..self.opt })
     }
 
     /// The value may be empty.
     const fn may_be_empty(self) -> Self {
-        OptSpec {
+        self.with(Opt {
             takes: Takes::MaybeEmpty,
-            ..self
-        }
+            ..self.opt
+        })
     }
 
     /// The option may repeat.
     const fn repeatable(self) -> Self {
-        OptSpec {
+        self.with(Opt {
             repeatable: true,
-            ..self
-        }
+            ..self.opt
+        })
     }
 
     /// The command line must give the option.
     const fn required(self) -> Self {
-        OptSpec {
+        self.with(Opt {
             required: true,
-            ..self
-        }
+            ..self.opt
+        })
     }
 
     /// A short alias.
     const fn short(self, short: &'static str) -> Self {
-        OptSpec {
+        self.with(Opt {
             short: Some(short),
-            ..self
-        }
+            ..self.opt
+        })
     }
 }
 
@@ -401,9 +414,20 @@ pub(super) const OPTIONS: &[OptSpec] = &[
     .short("-V"),
 ];
 
-/// The option named `name` (its long name or its short alias), with its index in [`OPTIONS`].
-pub(super) fn lookup(name: &str) -> Option<(usize, &'static OptSpec)> {
-    OPTIONS
+/// The options as the parser and [`super::validate`] read them, in [`OPTIONS`] order.
+pub(super) static TABLE: [Opt; OPTIONS.len()] = {
+    let mut table = [OPTIONS[0].opt; OPTIONS.len()];
+    let mut i = 0;
+    while i < OPTIONS.len() {
+        table[i] = OPTIONS[i].opt;
+        i += 1;
+    }
+    table
+};
+
+/// The option named `name` (its long name or its short alias), with its index in [`TABLE`].
+pub(super) fn lookup(name: &str) -> Option<(usize, &'static Opt)> {
+    TABLE
         .iter()
         .enumerate()
         .find(|(_, o)| o.name == name || o.short == Some(name))
@@ -414,7 +438,7 @@ pub(super) fn lookup(name: &str) -> Option<(usize, &'static OptSpec)> {
 pub(super) const fn declared(name: &'static str) -> &'static str {
     let mut i = 0;
     while i < OPTIONS.len() {
-        if same(OPTIONS[i].name, name) {
+        if same(OPTIONS[i].opt.name, name) {
             return name;
         }
         i += 1;
@@ -497,10 +521,10 @@ const fn render_usage(buf: &mut [u8]) -> usize {
     out.text(USAGE_HEAD);
     let mut i = 0;
     while i < OPTIONS.len() {
-        let opt = &OPTIONS[i];
+        let (opt, help) = (&OPTIONS[i].opt, OPTIONS[i].help);
         let mut j = 0;
-        while j < opt.help.len() {
-            let (synopsis, about) = opt.help[j];
+        while j < help.len() {
+            let (synopsis, about) = help[j];
             out.text("  ");
             if let Some(short) = opt.short {
                 out.text(short);
@@ -554,18 +578,13 @@ mod tests {
 
     #[test]
     fn usage_documents_every_option_and_default() {
-        for opt in OPTIONS {
+        for OptSpec { opt, help } in OPTIONS {
             let start = match opt.short {
                 Some(short) => format!("  {short}, {}", opt.name),
                 None => format!("  {}", opt.name),
             };
             let lines = USAGE.lines().filter(|l| l.starts_with(&start)).count();
-            assert_eq!(
-                lines,
-                opt.help.len(),
-                "{}: one line per help entry",
-                opt.name
-            );
+            assert_eq!(lines, help.len(), "{}: one line per help entry", opt.name);
         }
         assert!(USAGE.contains(DEFAULT_CMDLINE));
         assert!(USAGE.contains("-h, --help") && USAGE.contains("-V, --version"));
@@ -575,15 +594,15 @@ mod tests {
     #[test]
     fn declarations_are_consistent() {
         let mut names = Vec::new();
-        for opt in OPTIONS {
+        for OptSpec { opt, help } in OPTIONS {
             assert!(opt.name.starts_with("--"), "{}", opt.name);
             names.push(opt.name);
             if let Some(short) = opt.short {
                 assert!(short.len() == 2 && short.starts_with('-'), "{short}");
                 names.push(short);
             }
-            assert!(!opt.help.is_empty(), "{}: no help", opt.name);
-            for (synopsis, about) in opt.help {
+            assert!(!help.is_empty(), "{}: no help", opt.name);
+            for (synopsis, about) in help.iter() {
                 assert!(!about.is_empty(), "{}: no description", opt.name);
                 assert_eq!(
                     synopsis.is_empty(),
@@ -598,7 +617,7 @@ mod tests {
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), count, "names are unique");
-        let required: Vec<_> = OPTIONS
+        let required: Vec<_> = TABLE
             .iter()
             .filter(|o| o.required)
             .map(|o| o.name)
@@ -620,11 +639,14 @@ mod tests {
             ("--vsock", &VSOCK_KEYS),
             ("--exit-device", &EXIT_DEVICE_KEYS),
         ] {
-            let Some((_, opt)) = lookup(name) else {
+            let Some(spec) = OPTIONS.iter().find(|s| s.opt.name == name) else {
                 panic!("{name} is not declared");
             };
             for key in keys {
-                let shown = opt.help.iter().any(|(s, _)| s.contains(&format!("{key}=")));
+                let shown = spec
+                    .help
+                    .iter()
+                    .any(|(s, _)| s.contains(&format!("{key}=")));
                 assert!(shown, "{name}: {key}= is not in --help");
             }
         }
@@ -633,8 +655,8 @@ mod tests {
     /// Descriptions start at the help column, continuation lines included.
     #[test]
     fn descriptions_line_up() {
-        for opt in OPTIONS {
-            for (_, about) in opt.help {
+        for OptSpec { opt, help } in OPTIONS {
+            for (_, about) in help.iter() {
                 for line in about.lines() {
                     let at_column = USAGE.lines().any(|l| {
                         l.get(HELP_COLUMN..) == Some(line) && l[..HELP_COLUMN].ends_with(' ')

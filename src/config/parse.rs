@@ -1,9 +1,9 @@
-//! The parser over the option table ([`super::options::OPTIONS`]), the rules that involve several
+//! The parser over the option table ([`super::options::TABLE`]), the rules that involve several
 //! options, and [`validate`] for configurations built in code.
 
 use std::path::PathBuf;
 
-use super::options::{declared, lookup, Action, Takes, OPTIONS};
+use super::options::{declared, lookup, Action, Takes, TABLE};
 use super::values::invalid;
 use super::{Command, ConfigError, ControlEndpoint, SerialMode, VmConfig};
 use crate::arch::x86_64::layout::{CMDLINE_MAX_SIZE, MAX_VIRTIO_DEVICES};
@@ -14,7 +14,7 @@ use crate::arch::x86_64::layout::{CMDLINE_MAX_SIZE, MAX_VIRTIO_DEVICES};
 /// except that files exist: see the module documentation for the rules.
 pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, ConfigError> {
     let mut args = args.into_iter();
-    let mut seen = [false; OPTIONS.len()];
+    let mut seen = [false; TABLE.len()];
     let mut config = VmConfig::new(PathBuf::new());
 
     while let Some(arg) = args.next() {
@@ -61,11 +61,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Co
         }
     }
 
-    if let Some((opt, _)) = OPTIONS
-        .iter()
-        .zip(seen)
-        .find(|(o, seen)| o.required && !seen)
-    {
+    if let Some((opt, _)) = TABLE.iter().zip(seen).find(|(o, seen)| o.required && !seen) {
         return Err(ConfigError::MissingOption(opt.name));
     }
     for rule in ACROSS {
@@ -78,7 +74,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Co
 /// rules the command line applies, with the same messages: each option's rules as declared in
 /// its table entry, then the rules that involve several options.
 pub fn validate(config: &VmConfig) -> Result<(), ConfigError> {
-    for opt in OPTIONS {
+    for opt in &TABLE {
         (opt.check)(config, opt.name)?;
     }
     for rule in ACROSS {

@@ -7,6 +7,7 @@
 //! configuration built in code: a rule exists once. Messages show values as they were written on
 //! the command line, or printed from the typed value for a configuration built in code.
 
+use std::fmt::Display;
 use std::os::unix::io::RawFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -164,7 +165,7 @@ pub(super) fn check_serial(flag: &'static str, mode: &SerialMode) -> Result<(), 
 }
 
 /// File descriptors are 0 or more (`shown` is how the number was written).
-fn negative_fd(flag: &'static str, shown: &str) -> ConfigError {
+fn negative_fd(flag: &'static str, shown: &dyn Display) -> ConfigError {
     invalid(
         flag,
         format!("fd={shown} is invalid, file descriptors are 0 or more"),
@@ -174,7 +175,7 @@ fn negative_fd(flag: &'static str, shown: &str) -> ConfigError {
 fn parse_fd(flag: &'static str, s: &str) -> Result<RawFd, ConfigError> {
     if let Some(digits) = s.strip_prefix('-') {
         if parse_decimal(digits).is_some() {
-            return Err(negative_fd(flag, s));
+            return Err(negative_fd(flag, &s));
         }
     }
     match parse_decimal(s) {
@@ -227,7 +228,7 @@ pub(super) fn check_control(
         ControlEndpoint::Socket(path) => check_path(flag, path),
         ControlEndpoint::Fd { read, write } => {
             match [*read, *write].into_iter().find(|fd| *fd < 0) {
-                Some(fd) => Err(negative_fd(flag, &fd.to_string())),
+                Some(fd) => Err(negative_fd(flag, &fd)),
                 None => Ok(()),
             }
         }
