@@ -250,11 +250,11 @@ mod tests {
             cpu_online_events: true,
             pit: true,
             dump_acpi: Some(PathBuf::from("/tmp/acpi")),
-            disks: Vec::new(),
-            vsock: None,
             control: Some(ControlEndpoint::Socket(PathBuf::from("/run/vm.sock"))),
             seccomp: false,
             log_level: log::LevelFilter::Debug,
+            // No disks, no vsock (see their own tests), and an option added later at its default.
+            ..VmConfig::new(PathBuf::new())
         };
         let separate = run(&[
             "--kernel",
