@@ -16,9 +16,14 @@ use crate::arch::x86_64::layout::{MAX_VCPUS, MEMORY_HOTPLUG_ALIGN};
 
 /// The sub-keys of `--cpus`.
 pub(super) const CPUS_KEYS: [&str; 2] = ["boot", "max"];
+/// The value of `--cpus`, as `--help` and the messages show it.
+pub(super) const CPUS_SYNTAX: &str = "boot=N[,max=M]";
 /// The sub-keys of `--memory`.
 pub(super) const MEMORY_KEYS: [&str; 5] =
     ["size", "hotplug_size", "thp", "removable", "remove_timeout"];
+/// The value of `--memory`, as the messages show it (`--help` breaks it in two lines).
+pub(super) const MEMORY_SYNTAX: &str =
+    "size=SIZE[,hotplug_size=SIZE][,thp=on|off][,removable=on|off][,remove_timeout=SECS]";
 /// Largest `remove_timeout=` in seconds (one hour).
 const MAX_REMOVE_TIMEOUT_SECS: u64 = 3600;
 
@@ -76,7 +81,7 @@ fn check_max_cpus(
 
 /// `--cpus boot=N[,max=M]`.
 pub(super) fn parse_cpus(flag: &'static str, value: &str) -> Result<CpuConfig, ConfigError> {
-    let [boot, max] = parse_key_values(flag, value, &CPUS_KEYS, "boot=N[,max=M]")?;
+    let [boot, max] = parse_key_values(flag, value, &CPUS_KEYS, CPUS_SYNTAX)?;
     let boot = match boot {
         Some(s) => parse_vcpu_count(flag, "boot", s)?,
         None => 1,
@@ -234,12 +239,8 @@ fn parse_remove_timeout(
 
 /// `--memory size=SIZE[,hotplug_size=SIZE][,thp=on|off][,removable=on|off][,remove_timeout=SECS]`.
 pub(super) fn parse_memory(flag: &'static str, value: &str) -> Result<MemoryConfig, ConfigError> {
-    let [size, hotplug_size, thp, removable, remove_timeout] = parse_key_values(
-        flag,
-        value,
-        &MEMORY_KEYS,
-        "size=SIZE[,hotplug_size=SIZE][,thp=on|off][,removable=on|off][,remove_timeout=SECS]",
-    )?;
+    let [size, hotplug_size, thp, removable, remove_timeout] =
+        parse_key_values(flag, value, &MEMORY_KEYS, MEMORY_SYNTAX)?;
     let (size, size_text): (u64, &dyn Display) = match &size {
         Some(s) => (parse_size_value(flag, "size", s)?, s),
         None => (DEFAULT_MEMORY_SIZE, &Size(DEFAULT_MEMORY_SIZE)),

@@ -11,14 +11,18 @@ use crate::arch::x86_64::layout::ports;
 
 /// The sub-keys of `--disk`.
 pub(super) const DISK_KEYS: [&str; 2] = ["path", "readonly"];
+/// The value of `--disk`, as `--help` and the messages show it.
+pub(super) const DISK_SYNTAX: &str = "path=FILE[,readonly=on|off]";
 /// The sub-keys of `--vsock`.
 pub(super) const VSOCK_KEYS: [&str; 2] = ["cid", "socket"];
+/// The value of `--vsock`, as `--help` and the messages show it.
+pub(super) const VSOCK_SYNTAX: &str = "cid=N,socket=PATH";
 /// The sub-keys of `--exit-device`.
 pub(super) const EXIT_DEVICE_KEYS: [&str; 2] = ["iobase", "iosize"];
 
 /// `--disk path=FILE[,readonly=on|off]`.
 pub(super) fn parse_disk(flag: &'static str, value: &str) -> Result<DiskConfig, ConfigError> {
-    let syntax = "path=FILE[,readonly=on|off]";
+    let syntax = DISK_SYNTAX;
     let [path, readonly] = parse_key_values(flag, value, &DISK_KEYS, syntax)?;
     let path =
         path.ok_or_else(|| invalid(flag, format!("path= is required (expected {syntax})")))?;
@@ -53,7 +57,7 @@ fn check_cid(
 
 /// `--vsock cid=N,socket=PATH`.
 pub(super) fn parse_vsock(flag: &'static str, value: &str) -> Result<VsockConfig, ConfigError> {
-    let syntax = "cid=N,socket=PATH";
+    let syntax = VSOCK_SYNTAX;
     let [cid, socket] = parse_key_values(flag, value, &VSOCK_KEYS, syntax)?;
     let (Some(cid), Some(socket)) = (cid, socket) else {
         return Err(invalid(

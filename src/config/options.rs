@@ -6,9 +6,10 @@
 //!
 //! Adding an option is one entry here (plus its field in [`VmConfig`]).
 
-use super::cpus_memory::{check_cpus, check_memory, parse_cpus, parse_memory};
+use super::cpus_memory::{check_cpus, check_memory, parse_cpus, parse_memory, CPUS_SYNTAX};
 use super::devices::{
     check_disks, check_exit_device, check_vsock, parse_disk, parse_exit_device, parse_vsock,
+    DISK_SYNTAX, VSOCK_SYNTAX,
 };
 use super::values::{
     check_cmdline, check_control, check_path, check_serial, check_timeout, parse_control,
@@ -196,7 +197,7 @@ pub(super) const OPTIONS: &[OptSpec] = &[
     OptSpec::value(
         "--cpus",
         &[(
-            "boot=N[,max=M]",
+            CPUS_SYNTAX,
             "vCPUs at boot and the most vCPUs hotplug may reach,\n\
              1 <= N <= M <= 254 (default: boot=1, max=boot)",
         )],
@@ -230,7 +231,7 @@ pub(super) const OPTIONS: &[OptSpec] = &[
     OptSpec::value(
         "--disk",
         &[(
-            "path=FILE[,readonly=on|off]",
+            DISK_SYNTAX,
             "a raw disk image as a virtio-blk device (/dev/vda,\n\
              /dev/vdb, ... in the order given; repeatable)",
         )],
@@ -244,7 +245,7 @@ pub(super) const OPTIONS: &[OptSpec] = &[
     OptSpec::value(
         "--vsock",
         &[(
-            "cid=N,socket=PATH",
+            VSOCK_SYNTAX,
             "a virtio-vsock device with guest CID N (3 or more),\n\
              host side on the unix socket PATH (Firecracker's\n\
              hybrid vsock: connect and send \"CONNECT <port>\\n\";\n\
@@ -650,6 +651,17 @@ mod tests {
                 assert!(shown, "{name}: {key}= is not in --help");
             }
         }
+    }
+
+    /// `--help` shows `--memory`'s value as its messages do, in two lines.
+    #[test]
+    fn memory_synopsis_is_the_messages_syntax() {
+        use crate::config::cpus_memory::MEMORY_SYNTAX;
+        let Some(spec) = OPTIONS.iter().find(|s| s.opt.name == "--memory") else {
+            panic!("--memory is not declared");
+        };
+        let joined: String = spec.help[0].0.split_whitespace().collect();
+        assert_eq!(joined, MEMORY_SYNTAX);
     }
 
     /// Descriptions start at the help column, continuation lines included.
