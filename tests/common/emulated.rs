@@ -355,7 +355,17 @@ pub(crate) fn l1_run(name: &str, l1_timeout: Duration) -> L1Run {
     );
     let (qemu, accel, smp) = (l1_qemu(), format!("tcg,{}", l1_tcg()), l1_smp());
     let start = Instant::now();
-    let mut child = Command::new(&qemu)
+    // `MINIVMM_TEST_L1_TASKSET=LIST` runs QEMU on those host CPUs only (`taskset -c LIST`), for
+    // experiments with how the emulated host's vCPU threads share the cores.
+    let mut command = match std::env::var("MINIVMM_TEST_L1_TASKSET") {
+        Ok(cpus) if !cpus.is_empty() => {
+            let mut c = Command::new("taskset");
+            c.args(["-c", &cpus]).arg(&qemu);
+            c
+        }
+        _ => Command::new(&qemu),
+    };
+    let mut child = command
         .args(["-accel", &accel])
         .args(["-machine", "q35", "-cpu", "EPYC"])
         // Firmware (SeaBIOS, option ROMs) from Debian's QEMU packages, also for a QEMU built
