@@ -9,8 +9,8 @@
 //!   `MINIVMM_TEST_L1_SMP` (default 2), how many run at once `MINIVMM_TEST_L1_PARALLEL` (default 2),
 //!   QEMU's TCG options `MINIVMM_TEST_L1_TCG` (default
 //!   `thread=multi,tb-size=512`), the QEMU binary `MINIVMM_TEST_L1_QEMU` (default
-//!   `qemu-system-x86_64`) and the host CPUs it may run on `MINIVMM_TEST_L1_TASKSET` (a
-//!   `taskset -c` list; default all), for experiments with the emulated host's own faults.
+//!   `qemu-system-x86_64`), for experiments with the emulated host's own faults. Each emulated
+//!   host runs on one host CPU ([`l1_cpus`]; `MINIVMM_TEST_L1_TASKSET` changes that).
 //! * **Diagnosis.** `MINIVMM_TEST_KVM_TRACE=1` traces KVM in the kernel that runs minivmm and prints
 //!   the trace up to a guest triple fault when a test fails (see [`kvm_trace`]).
 //! * **Guest driver.** [`Vm`] spawns minivmm with the serial console on pipes, waits for the guest's
