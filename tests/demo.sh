@@ -72,9 +72,10 @@ emulated)
 	forward=$!
 	trap 'kill "$forward" 2>/dev/null; rm -f "$SOCK"' EXIT
 	echo "demo: control: echo info | socat - UNIX-CONNECT:$SOCK   (forwarded into the test host)" >&2
-	# On one host CPU, as the tests run it: the emulated host's own faults need its vCPU threads
-	# running truly in parallel (docs/TESTING.md).
-	taskset -c 0 qemu-system-x86_64 -accel tcg,thread=multi,tb-size=512 -machine q35 -cpu EPYC -smp 2 -m 4G \
+	# On one host CPU (the first this shell may use), as the tests run it: the emulated host's own
+	# faults need its vCPU threads running truly in parallel (docs/TESTING.md).
+	cpu=$(taskset -pc $$ | sed 's/.*: //; s/[,-].*//')
+	taskset -c "$cpu" qemu-system-x86_64 -accel tcg,thread=multi,tb-size=512 -machine q35 -cpu EPYC -smp 2 -m 4G \
 		-nographic -no-reboot -nodefaults \
 		-chardev stdio,id=con,mux=on,signal=off -serial chardev:con -mon chardev=con,mode=readline \
 		-kernel "$CACHE/kernel/vmlinux" -initrd "$CACHE/l1-initramfs.gz" \
