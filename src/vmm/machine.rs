@@ -218,6 +218,14 @@ impl Machine {
         self.cpus.vcpus.stop_all();
     }
 
+    /// Raises the GED interrupt with `flags`; a failure is logged (the guest then sees the
+    /// change at its next scan).
+    pub fn notify_ged(&self, flags: u8) {
+        if let Err(e) = lock(&self.ged).notify(flags) {
+            log::error!("raising the GED interrupt: {e}");
+        }
+    }
+
     /// Unmaps memory slot `slot` after the guest's eject (None: the slot being removed, if the
     /// guest has ejected it) and asks for the next one while the shrink's target allows.
     pub fn reap_memory(&mut self, slot: Option<usize>) -> Step {
@@ -354,9 +362,7 @@ impl resize::Machine for Machine {
     }
 
     fn notify(&mut self, flags: u8) {
-        if let Err(e) = lock(&self.ged).notify(flags) {
-            log::error!("raising the GED interrupt: {e}");
-        }
+        self.notify_ged(flags);
     }
 }
 

@@ -336,9 +336,7 @@ impl Vmm {
     fn apply(&mut self, step: Step) {
         self.events.extend(step.events);
         if let (true, Some(m)) = (step.notify, self.machine.as_ref()) {
-            if let Err(e) = lock(&m.ged).notify(GED_MEMORY) {
-                log::error!("raising the GED interrupt: {e}");
-            }
+            m.notify_ged(GED_MEMORY);
         }
     }
 
